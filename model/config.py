@@ -1,0 +1,88 @@
+"""Typed training configuration, parsed once at the edge (CLI, ``params.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.backbone import DEFAULT_BACKBONE
+
+
+@dataclass
+class LossConfig:
+    """Which metric-learning loss, and its hyper-parameters (unused ones are ignored)."""
+
+    name: str = "eir"  # triplet | contrastive | eet | eir
+    margin: float | None = None  # None: each loss's own default
+    distance: str | None = None  # euclidean | cosine | spherical; None: the loss's default
+    mining: str = "all"  # all | semihard | hard
+    koleo_weight: float = 0.1
+    equidistant_weight: float = 1.0
+    equidistributed_weight: float = 1.0
+    confusing_margin: float = 0.2
+    confusing_weight: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_loss``, leaving out unset values."""
+        values = dataclasses.asdict(self)
+        values.pop("name")
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the data itself."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    pooling: str = "avg"
+    embed_dim: int | None = 512
+    loss: LossConfig = field(default_factory=LossConfig)
+    epochs: int = 8
+    classes_per_batch: int = 16  # P
+    images_per_class: int = 4  # K
+    lr: float = 1e-4  # backbone learning rate
+    head_lr_multiplier: float = 10.0  # the new projection learns faster
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    train_image_size: int | None = None  # None: the backbone's own input size
+    freeze_stages: int = 0  # backbone stem + this many stages stay frozen
+    val_fraction: float = 0.1  # training classes held out for per-epoch Recall@K
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    num_workers: int = 0  # decode threads come from decode_threads; this is for eval loaders
+    decode_threads: int = 4
+    eval_batch_size: int = 64
+    max_train_images: int | None = None  # cap for smoke runs
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping (e.g. the ``train`` section of ``params.yaml``); unknown keys
+        are an error so typos do not pass silently."""
+        raw = dict(raw)
+        loss = raw.pop("loss", {})
+        if isinstance(loss, str):
+            loss = {"name": loss}
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        loss_unknown = set(loss) - {f.name for f in dataclasses.fields(LossConfig)}
+        if loss_unknown:
+            raise ValueError(f"unknown loss option(s): {', '.join(sorted(loss_unknown))}")
+        return cls(loss=LossConfig(**loss), **raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_params(path: Path, section: str | None = None) -> dict[str, Any]:
+    """Read ``params.yaml`` (or a section of it) as a plain mapping."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if section is None:
+        return data
+    return data.get(section, {}) or {}
