@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,3 +123,31 @@ def test_broken_packages_are_refused(tmp_path):
     (tmp_path / "pkg" / "model.safetensors").write_bytes(np.random.bytes(100))
     with pytest.raises(ModelPackageError, match="unusable"):
         load_package(tmp_path / "pkg")
+
+
+def test_timm_hub_path_fails_clearly_when_no_hub_is_reachable():
+    """`--weights imagenet` for a non-Lite model (ResNet-50, as in the papers) goes to timm's
+    hub; offline that is a BackboneError that says what to do instead."""
+    code = (
+        "from model.backbone import create_backbone, BackboneError\n"
+        "try:\n    create_backbone('resnet50')\n"
+        "except BackboneError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert "ERR could not download pretrained weights for 'resnet50'" in result.stdout
+    assert "tf_efficientnet_lite0" in result.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_amp_training_step():
+    """On a GPU: channels-last + bf16 autocast forward/backward gives finite unit embeddings."""
+    config = ModelConfig(embed_dim=128)
+    model = build_model(config).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and out.shape == (8, 128)

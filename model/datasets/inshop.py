@@ -16,6 +16,7 @@ from model.datasets.records import (
     ImageRecord,
     RetrievalDataset,
     dense_labels,
+    header_and_rows,
     read_text,
     text_lines,
 )
@@ -78,23 +79,8 @@ def _read_partition(path: Path) -> list[tuple[str, str, str]]:
         raise DatasetFormatError.at(
             path, 1, f"expected the number of images (an integer), got {lines[0].strip()!r}"
         ) from None
-    header = lines[1] if len(lines) > 1 else ""
-    if tuple(header.split()) != INSHOP_HEADER:
-        raise DatasetFormatError.at(
-            path, 2, f"expected the header '{' '.join(INSHOP_HEADER)}', got {header.strip()!r}"
-        )
     rows = []
-    for number, line in enumerate(lines[2:], start=3):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != len(INSHOP_HEADER):
-            raise DatasetFormatError.at(
-                path,
-                number,
-                f"expected {len(INSHOP_HEADER)} fields '{' '.join(INSHOP_HEADER)}', "
-                f"got {len(fields)}",
-            )
+    for number, fields in header_and_rows(path, lines, INSHOP_HEADER, header_line=2):
         if fields[2] not in INSHOP_SPLITS:
             raise DatasetFormatError.at(
                 path,

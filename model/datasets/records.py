@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -140,3 +140,26 @@ def read_text(path: Path, *, missing: str) -> str:
 def text_lines(text: str) -> list[str]:
     """Split text into lines the way editors number them (``\\n`` or ``\\r\\n``)."""
     return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def header_and_rows(
+    path: Path, lines: list[str], header: tuple[str, ...], header_line: int
+) -> Iterator[tuple[int, list[str]]]:
+    """Check the header at 1-based ``header_line``, then yield ``(line number, fields)`` for each
+    non-blank line after it, each with exactly ``len(header)`` whitespace-separated fields."""
+    found = lines[header_line - 1] if len(lines) >= header_line else ""
+    if tuple(found.split()) != header:
+        raise DatasetFormatError.at(
+            path, header_line, f"expected the header '{' '.join(header)}', got {found.strip()!r}"
+        )
+    for number, line in enumerate(lines[header_line:], start=header_line + 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise DatasetFormatError.at(
+                path,
+                number,
+                f"expected {len(header)} fields '{' '.join(header)}', got {len(fields)}",
+            )
+        yield number, fields

@@ -15,6 +15,7 @@ from model.datasets.records import (
     ImageRecord,
     RetrievalDataset,
     dense_labels,
+    header_and_rows,
     read_text,
     text_lines,
 )
@@ -79,22 +80,8 @@ def _read_list(path: Path) -> list[_SopLine]:
         ),
     )
     lines = text_lines(text)
-    header = lines[0].split()
-    if tuple(header) != SOP_HEADER:
-        raise DatasetFormatError.at(
-            path, 1, f"expected the header '{' '.join(SOP_HEADER)}', got {lines[0].strip()!r}"
-        )
     parsed = []
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != len(SOP_HEADER):
-            raise DatasetFormatError.at(
-                path,
-                number,
-                f"expected {len(SOP_HEADER)} fields '{' '.join(SOP_HEADER)}', got {len(fields)}",
-            )
+    for number, fields in header_and_rows(path, lines, SOP_HEADER, header_line=1):
         ids = []
         for name, value in zip(SOP_HEADER[:3], fields[:3], strict=True):
             try:
