@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-image-size", type=int, help="training crop size (eval keeps the model's)"
     )
     train.add_argument("--freeze-stages", type=int, help="backbone stages kept frozen")
+    train.add_argument(
+        "--freeze-batchnorm",
+        action="store_true",
+        default=None,
+        help="keep BatchNorm statistics at their pretrained values",
+    )
     train.add_argument("--max-train-images", type=int, help="cap on training images (smoke runs)")
     train.add_argument("--seed", type=int)
     train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -193,6 +199,7 @@ def train_config_from_args(args: argparse.Namespace):
         "images_per_class": args.images_per_class,
         "train_image_size": args.train_image_size,
         "freeze_stages": args.freeze_stages,
+        "freeze_batchnorm": args.freeze_batchnorm,
         "max_train_images": args.max_train_images,
         "seed": args.seed,
     }

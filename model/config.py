@@ -51,6 +51,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     train_image_size: int | None = None  # None: the backbone's own input size
     freeze_stages: int = 0  # backbone stem + this many stages stay frozen
+    freeze_batchnorm: bool = False  # keep every BatchNorm at its ImageNet statistics
     val_fraction: float = 0.1  # training classes held out for per-epoch Recall@K
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

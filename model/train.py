@@ -137,6 +137,15 @@ def _freeze(backbone: torch.nn.Module, stages: int) -> list[torch.nn.Module]:
     return frozen
 
 
+def freeze_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Put every BatchNorm in eval mode: its running statistics stay as pretrained, while its
+    affine parameters still learn. P x K batches hold few, highly correlated classes, so their
+    statistics are a poor estimate of the catalogue's."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -310,6 +319,8 @@ def train(
         model.train()
         for module in frozen:
             module.eval()  # frozen BatchNorm keeps its ImageNet statistics
+        if config.freeze_batchnorm:
+            freeze_batchnorm_statistics(model)
         sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         losses = []

@@ -101,3 +101,30 @@ def test_unknown_options_are_rejected():
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"epochz": 3})
     assert TrainConfig.from_dict({"loss": "eet"}).loss.name == "eet"
+
+
+def test_freeze_batchnorm_keeps_running_statistics(tiny_sop, tmp_path):
+    dataset = load_dataset("sop", tiny_sop)
+    config = _config(epochs=1, freeze_batchnorm=True)
+    frozen = load_file(
+        str(
+            train(dataset, config, tmp_path / "f", progress=False).package_dir / "model.safetensors"
+        )
+    )
+    initial = load_file(
+        str(
+            train(dataset, _config(epochs=0), tmp_path / "i", progress=False).package_dir
+            / "model.safetensors"
+        )
+    )
+    moving = load_file(
+        str(
+            train(dataset, _config(epochs=1), tmp_path / "m", progress=False).package_dir
+            / "model.safetensors"
+        )
+    )
+    stats = [k for k in initial if k.endswith("running_mean")]
+    assert stats and all(torch.equal(frozen[k], initial[k]) for k in stats)
+    assert not all(torch.equal(moving[k], initial[k]) for k in stats)
+    weights = [k for k in initial if k.endswith("bn1.weight")]
+    assert not all(torch.equal(frozen[k], initial[k]) for k in weights)  # affine still learns
