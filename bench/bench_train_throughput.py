@@ -4,7 +4,8 @@ Both sides use the same backbone, head, batch size, image size, optimizer and me
 The bare side trains on one pre-made tensor (no data work at all); the real side draws P x K
 batches from the decoded-image cache, augments them, and computes the metric loss, exactly as
 `model.train.train` does (it calls the same `make_batch` and `train_step`). The ratio says how
-much the data path and the loss cost: the goal is >= 0.85.
+much the data path and the loss cost: the goal is >= 0.85. Like the `vitrine` script, it runs
+with the tuned allocator settings (components/runtime.py).
 
     python bench/bench_train_throughput.py [--steps 4] [--rounds 3] [--image-size 192]
 """
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved, training_records
+from components.runtime import reexec_with_tuned_allocator
 from model.config import TrainConfig
 from model.losses import build_loss
 from model.package import ModelConfig, build_model
@@ -29,6 +31,7 @@ from model.transforms import TrainAugment
 
 
 def main() -> None:
+    reexec_with_tuned_allocator()  # measure what `vitrine train` runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="training steps per block")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--loss", choices=["triplet", "contrastive", "eet", "eir"], help="metric-learning loss"
     )
+    train.add_argument(
+        "--loss-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a loss hyper-parameter, e.g. margin=0.2 or equidistributed_weight=0.1 (repeatable)",
+    )
     train.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0)")
     train.add_argument("--weights", help="imagenet, timm, none, or a checkpoint path")
     train.add_argument("--epochs", type=int)
@@ -95,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--freeze-stages", type=int, help="backbone stages kept frozen")
     train.add_argument(
         "--freeze-batchnorm",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep BatchNorm statistics at their pretrained values",
+        help="keep BatchNorm statistics at their pretrained values (default: on)",
     )
     train.add_argument("--max-train-images", type=int, help="cap on training images (smoke runs)")
     train.add_argument("--seed", type=int)
@@ -185,6 +192,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def train_config_from_args(args: argparse.Namespace):
     """Merge defaults < params.yaml `train` section < command-line options."""
+    import yaml
+
     from model.config import TrainConfig, load_params
 
     raw: dict[str, Any] = load_params(args.params, "train") if args.params else {}
@@ -208,6 +217,11 @@ def train_config_from_args(args: argparse.Namespace):
         raw["embed_dim"] = args.embed_dim or None
     if args.loss:
         raw["loss"]["name"] = args.loss
+    for item in args.loss_param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--loss-param needs KEY=VALUE, got {item!r}")
+        raw["loss"][key.strip()] = yaml.safe_load(value)
     raw["device"] = args.device
     return TrainConfig.from_dict(raw)
 

@@ -21,8 +21,10 @@ class LossConfig:
     distance: str | None = None  # euclidean | cosine | spherical; None: the loss's default
     mining: str = "all"  # all | semihard | hard
     koleo_weight: float = 0.1
-    equidistant_weight: float = 1.0
-    equidistributed_weight: float = 1.0
+    # EET's extra terms at weight 1.0 swamp the triplet term and overfit the training classes
+    # (In-Shop R@1 71.8 on the Grocery photos); 0.1 gave 87.5 (README, Results).
+    equidistant_weight: float = 0.1
+    equidistributed_weight: float = 0.1
     confusing_margin: float = 0.2
     confusing_weight: float = 1.0
 
@@ -40,9 +42,9 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     pooling: str = "avg"
-    embed_dim: int | None = 512
+    embed_dim: int | None = None  # None: the backbone's pooled features, no projection
     loss: LossConfig = field(default_factory=LossConfig)
-    epochs: int = 8
+    epochs: int = 12
     classes_per_batch: int = 16  # P
     images_per_class: int = 4  # K
     lr: float = 1e-4  # backbone learning rate
@@ -51,7 +53,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     train_image_size: int | None = None  # None: the backbone's own input size
     freeze_stages: int = 0  # backbone stem + this many stages stay frozen
-    freeze_batchnorm: bool = False  # keep every BatchNorm at its ImageNet statistics
+    freeze_batchnorm: bool = True  # keep every BatchNorm at its ImageNet statistics
     val_fraction: float = 0.1  # training classes held out for per-epoch Recall@K
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -11,7 +11,7 @@ KS = (1, 10, 20, 30, 40)
 
 def main(paths: list[str]) -> None:
     print("| loss | " + " | ".join(f"R@{k}" for k in KS) + " | MAP@R | train img/s | minutes |")
-    print("|---" * (len(KS) + 5) + "|")
+    print("|---" * (len(KS) + 4) + "|")
     for path in paths:
         m = json.loads(Path(path).read_text())
         recalls = " | ".join(f"{100 * m[f'recall@{k}']:.1f}" for k in KS)

@@ -123,6 +123,26 @@ def test_params_file_and_flags_merge(tmp_path):
     )
     config = train_config_from_args(args)
     assert (config.epochs, config.lr, config.loss.name, config.loss.margin) == (3, 0.5, "eet", 0.2)
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--dataset",
+            "sop",
+            "--root",
+            ".",
+            "--loss-param",
+            "equidistant_weight=0.1",
+            "--loss-param",
+            "mining=hard",
+        ]
+    )
+    config = train_config_from_args(args)
+    assert (config.loss.equidistant_weight, config.loss.mining) == (0.1, "hard")
+    args = build_parser().parse_args(
+        ["train", "--dataset", "sop", "--root", ".", "--loss-param", "no_such_option=1"]
+    )
+    with pytest.raises(ValueError, match="unknown loss option"):
+        train_config_from_args(args)
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -206,7 +206,9 @@ def test_eet_equidistributed_hand_value_with_variance() -> None:
     # d(0,60) = .5, d(0,180) = 2, d(60,180) = 1.5 -> m = [.5, .5, 1.5]
     # mean = 5/6; deviations -1/3, -1/3, 2/3 -> var = (1/9 + 1/9 + 4/9) / 3 = 2/9
     # loss = -5/6 + 2/9 = -11/18 = -0.611111
-    loss = EETLoss(distance="cosine")(circle(0, 60, 180), torch.tensor([0, 1, 2]))
+    loss = EETLoss(distance="cosine", equidistributed_weight=1.0)(
+        circle(0, 60, 180), torch.tensor([0, 1, 2])
+    )
     assert loss.item() == pytest.approx(-11 / 18)
 
 
@@ -215,7 +217,7 @@ def test_eet_equidistant_gradient_pulls_anchor_and_positive_together() -> None:
     # ((a,p,n): chord70 - chord160 + .1 < 0; (p,a,n): chord70 - chord90 + .1 < 0), so only the
     # equidistant term acts: |chord160 - chord90| = 2 sin80 - sqrt2 = 0.555402.
     x, labels = circle(20, 90, 180), torch.tensor([0, 0, 1])
-    loss = EETLoss(margin=0.1, equidistributed_weight=0.0)
+    loss = EETLoss(margin=0.1, equidistant_weight=1.0, equidistributed_weight=0.0)
     assert loss(x, labels).item() == pytest.approx(2 * math.sin(math.radians(80)) - math.sqrt(2))
     before, after, x_new = sgd_step(loss, x, labels)
     assert after < before
@@ -234,7 +236,7 @@ def test_eet_equidistributed_gradient_spreads_class_centres() -> None:
     # margin (within-class chord20 = .347 vs between >= chord40 = .684), so the loss is
     # -chord(60) = -1 and its gradient moves the centres apart.
     x, labels = circle(0, 20, 60, 80), torch.tensor([0, 0, 1, 1])
-    loss = EETLoss(margin=0.1, equidistant_weight=0.0)
+    loss = EETLoss(margin=0.1, equidistant_weight=0.0, equidistributed_weight=1.0)
     assert loss(x, labels).item() == pytest.approx(-1.0)
     before, after, x_new = sgd_step(loss, x, labels)
     assert after < before

@@ -29,6 +29,7 @@ def _config(loss: str = "triplet", epochs: int = 2, **overrides) -> TrainConfig:
         train_image_size=64,
         val_fraction=0.25,
         decode_threads=2,
+        freeze_batchnorm=False,
     )
     values.update(overrides)
     return TrainConfig(**values)

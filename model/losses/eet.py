@@ -82,8 +82,8 @@ class EETLoss(TripletLoss):
     def __init__(
         self,
         margin: float = 0.1,
-        equidistant_weight: float = 1.0,
-        equidistributed_weight: float = 1.0,
+        equidistant_weight: float = 0.1,
+        equidistributed_weight: float = 0.1,
         distance: DistanceKind = "euclidean",
         mining: TripletMining = "all",
     ) -> None:
