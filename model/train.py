@@ -350,7 +350,8 @@ def train(
                 {f"val_{k}": v for k, v in val.items() if k.startswith(("recall", "map"))}
             )
         history.append(record)
-        log.info("epoch %s", json.dumps(record))
+        # One line per epoch: a readable one beside the progress bars, else a JSON log record.
+        log.log(logging.DEBUG if progress else logging.INFO, "epoch %s", json.dumps(record))
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {record['loss']:.4f}"
