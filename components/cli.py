@@ -37,6 +37,8 @@ def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``vitrine`` sub-command."""
+    from model.config import TrainConfig  # light: dataclasses and yaml, no torch
+
     parser = argparse.ArgumentParser(
         prog="vitrine",
         description="Vitrine: validate a product catalogue, fine-tune an image-embedding model, "
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command line come from the `train` section of --params, then from the defaults.",
     )
     _add_dataset_options(train)
+    defaults = TrainConfig()
     train.add_argument("--out", type=Path, default=Path("artifacts/model"), help="package folder")
     train.add_argument("--params", type=Path, help="params.yaml whose `train` section to read")
     train.add_argument(
@@ -91,11 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0)")
     train.add_argument("--weights", help="imagenet, timm, none, or a checkpoint path")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--lr", type=float, help="backbone learning rate")
-    train.add_argument("--embed-dim", type=int, help="projection size (0: no projection)")
-    train.add_argument("--classes-per-batch", type=int, help="P in P x K sampling")
-    train.add_argument("--images-per-class", type=int, help="K in P x K sampling")
+    train.add_argument("--epochs", type=int, help=f"training epochs (default: {defaults.epochs})")
+    train.add_argument("--lr", type=float, help=f"backbone learning rate (default: {defaults.lr})")
+    train.add_argument(
+        "--embed-dim", type=int, help="projection size (default, or 0: no projection)"
+    )
+    train.add_argument(
+        "--classes-per-batch",
+        type=int,
+        help=f"P in P x K sampling (default: {defaults.classes_per_batch})",
+    )
+    train.add_argument(
+        "--images-per-class",
+        type=int,
+        help=f"K in P x K sampling (default: {defaults.images_per_class})",
+    )
     train.add_argument(
         "--train-image-size", type=int, help="training crop size (eval keeps the model's)"
     )
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep BatchNorm statistics at their pretrained values (default: on)",
     )
     train.add_argument("--max-train-images", type=int, help="cap on training images (smoke runs)")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, help=f"random seed (default: {defaults.seed})")
     train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     train.add_argument(
         "--no-evaluate", action="store_true", help="skip the test-set evaluation after training"

@@ -18,9 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from model.config import DEFAULT_BACKBONE
 from model.offline_weights import OFFLINE_LITE_PACKAGES, load_offline_lite_weights
-
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 class BackboneError(RuntimeError):

