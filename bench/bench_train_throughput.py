@@ -26,7 +26,7 @@ from model.config import TrainConfig
 from model.losses import build_loss
 from model.package import ModelConfig, build_model
 from model.samplers import PKSampler
-from model.train import decode_all, make_batch, train_step
+from model.train import decode_all, freeze_batchnorm_statistics, make_batch, train_step
 from model.transforms import TrainAugment
 
 
@@ -43,6 +43,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_config = ModelConfig(embed_dim=config.embed_dim)
     model = build_model(model_config).to(device).to(memory_format=torch.channels_last).train()
+    if config.freeze_batchnorm:
+        freeze_batchnorm_statistics(model)  # as train() does with the default config
     data = dict(model_config.data)
     train_data = dict(data, input_size=[3, args.image_size, args.image_size])
     source, records = training_records(640)

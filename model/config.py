@@ -21,13 +21,12 @@ class LossConfig:
     margin: float | None = None  # None: each loss's own default
     distance: str | None = None  # euclidean | cosine | spherical; None: the loss's default
     mining: str = "all"  # all | semihard | hard
-    koleo_weight: float = 0.1
-    # EET's extra terms at weight 1.0 swamp the triplet term and overfit the training classes
-    # (In-Shop R@1 71.8 on the Grocery photos); 0.1 gave 87.5 (README, Results).
-    equidistant_weight: float = 0.1
-    equidistributed_weight: float = 0.1
-    confusing_margin: float = 0.2
-    confusing_weight: float = 1.0
+    # Loss-specific weights; None: the loss module's own default (one place for each default).
+    koleo_weight: float | None = None
+    equidistant_weight: float | None = None
+    equidistributed_weight: float | None = None
+    confusing_margin: float | None = None
+    confusing_weight: float | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``build_loss``, leaving out unset values."""

@@ -82,6 +82,8 @@ class EETLoss(TripletLoss):
     def __init__(
         self,
         margin: float = 0.1,
+        # At 1.0 these two terms swamp the triplet term and overfit the training classes
+        # (In-Shop R@1 71.8 on the Grocery photos); 0.1 gave 87.5 (README, Results).
         equidistant_weight: float = 0.1,
         equidistributed_weight: float = 0.1,
         distance: DistanceKind = "euclidean",
