@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/bench_train_throughput.py
 	$(BIN)/python bench/bench_recall.py
 	$(BIN)/python bench/bench_allocator.py
+	$(BIN)/python bench/bench_validate.py
 
 ## The README's loss table on the shared Grocery photos (about an hour on 2 CPU cores).
 grocery-losses: setup

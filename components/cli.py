@@ -37,6 +37,7 @@ def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``vitrine`` sub-command."""
+    from components.catalog.config import ImageLimits  # light: no torch, no GX
     from model.config import TrainConfig  # light: dataclasses and yaml, no torch
 
     parser = argparse.ArgumentParser(
@@ -127,13 +128,91 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=run_train)
 
+    demo_catalog = sub.add_parser(
+        "demo-catalog",
+        help="generate a seeded demo catalogue (rendered products, with a few bad rows)",
+        description="Render a catalogue for trying Vitrine without one of your own: distinct "
+        "products (shape, colours, pattern, printed label), several photos each (viewpoint, "
+        "scale, background, lighting, occlusion), seeded; plus one bad row of each kind "
+        "validation catches (corrupt, missing, tiny, duplicate, path escape, decompression "
+        "bomb, wrong format, bad price, no product id). Writes --out/manifest.csv and "
+        "--out/images/.",
+    )
+    demo_catalog.add_argument("--out", type=Path, required=True, help="catalogue folder")
+    demo_catalog.add_argument("--products", type=int, default=120, help="products (default: 120)")
+    demo_catalog.add_argument(
+        "--photos", type=int, default=6, help="photos per product (default: 6)"
+    )
+    demo_catalog.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo_catalog.add_argument(
+        "--image-size", type=int, default=224, help="side of each photo (default: 224)"
+    )
+    demo_catalog.add_argument("--no-bad-rows", action="store_true", help="only good rows")
+    demo_catalog.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo_catalog.set_defaults(handler=run_demo_catalog)
+
+    limits = ImageLimits()
+    validate = sub.add_parser(
+        "validate",
+        help="check a catalogue (GX manifest suite + image checks) and quarantine bad rows",
+        description="Validate a catalogue manifest and its images. The Great Expectations "
+        "suite checks the manifest (required columns, non-empty ids, unique image_path, "
+        "price >= 0, ...); the image checks need the files (inside the catalogue root, exists, "
+        "size, decodes, format, pixel limits, duplicate content). Every input row lands in "
+        "exactly one of --out/validated.csv and --out/quarantine.csv (with every reason it "
+        "failed); --out/summary.json counts them, --out/data_docs/index.html shows the suite. "
+        "A bad row never stops the good ones; exit status 2 only when the manifest cannot be "
+        "read at all. Options not given come from the `validate` section of --params.",
+    )
+    validate.add_argument(
+        "catalogue", type=Path, help="manifest CSV/Parquet, or a folder holding manifest.csv"
+    )
+    validate.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    validate.add_argument(
+        "--root", type=Path, help="folder image paths are relative to (default: the manifest's)"
+    )
+    validate.add_argument(
+        "--previous",
+        type=Path,
+        help="an earlier run's --out folder: images whose content hash it knows are not "
+        "decoded again (incremental nightly runs)",
+    )
+    validate.add_argument(
+        "--params", type=Path, help="params.yaml whose `validate` section to read"
+    )
+    validate.add_argument(
+        "--formats", help=f"accepted formats, comma-separated (default: {','.join(limits.formats)})"
+    )
+    validate.add_argument(
+        "--min-side", type=int, help=f"shortest side in pixels (default: {limits.min_side})"
+    )
+    validate.add_argument(
+        "--max-pixels",
+        type=int,
+        help=f"width x height limit, checked before decoding (default: {limits.max_pixels})",
+    )
+    validate.add_argument(
+        "--max-file-bytes",
+        type=int,
+        help=f"larger files are refused unread (default: {limits.max_file_bytes})",
+    )
+    validate.add_argument("--workers", type=int, help="image threads (default: one per core)")
+    validate.add_argument(
+        "--no-data-docs", action="store_true", help="skip rendering the GX data docs (HTML)"
+    )
+    validate.add_argument("--json", type=Path, help="also write the summary to this JSON file")
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    validate.set_defaults(handler=run_validate)
+
     demo = sub.add_parser(
         "demo",
-        help="the main job on embedded defaults: demo catalogue -> fine-tune -> evaluate",
-        description="Generate a seeded demo catalogue of rendered products (unless --catalog "
-        "is given), fine-tune the default offline backbone on half of its products on the CPU, "
-        "and report Recall@K on the other half before and after training. Prints what each "
-        "step did and how long it took; writes everything under --out.",
+        help="the main job on embedded defaults: demo catalogue -> validate -> fine-tune -> "
+        "evaluate",
+        description="Generate a seeded demo catalogue of rendered products with a few bad rows "
+        "(unless --catalog is given), validate it (bad rows go to quarantine), fine-tune the "
+        "default offline backbone on half of the valid products on the CPU, and report "
+        "Recall@K on the other half before and after training. Prints what each step did and "
+        "how long it took; writes everything under --out.",
     )
     demo.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="output folder")
     demo.add_argument("--catalog", type=Path, help="use this manifest instead of generating one")
@@ -275,9 +354,85 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo_catalog(args: argparse.Namespace) -> int:
+    """``vitrine demo-catalog``."""
+    from components.catalog.demo import generate_demo_catalog
+
+    started = time.perf_counter()
+    manifest = generate_demo_catalog(
+        args.out,
+        products=args.products,
+        photos_per_product=args.photos,
+        seed=args.seed,
+        image_size=args.image_size,
+        progress=not args.quiet,
+        bad_rows=not args.no_bad_rows,
+    )
+    print(f"demo catalogue: {manifest} ({time.perf_counter() - started:.1f} s)")
+    print(f"next: vitrine validate {args.out} --out {args.out}-validated")
+    return 0
+
+
+def validation_config_from_args(args: argparse.Namespace):
+    """Merge defaults < params.yaml `validate` section < command-line options."""
+    from components.catalog.config import ValidationConfig
+    from model.config import load_params
+
+    raw: dict[str, Any] = load_params(args.params, "validate") if args.params else {}
+    overrides = {
+        "formats": args.formats.split(",") if args.formats else None,
+        "min_side": args.min_side,
+        "max_pixels": args.max_pixels,
+        "max_file_bytes": args.max_file_bytes,
+        "workers": args.workers,
+        "data_docs": False if args.no_data_docs else None,
+    }
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return ValidationConfig.from_dict(raw)
+
+
+def print_validation(summary: dict[str, Any]) -> None:
+    """The validation summary for people: counts, reasons, where the files are."""
+    images = summary["images"]
+    print(
+        f"{summary['input_rows']} rows in: {summary['valid_rows']} valid "
+        f"({summary['valid_products']} products), {summary['quarantined_rows']} quarantined"
+    )
+    for reason, count in summary["quarantined_by_reason"].items():
+        print(f"  {reason:<22} {count}")
+    reused = ""
+    if images["previous"]:
+        reused = f", {images['reused_from_previous']} known from --previous"
+    print(f"images: {images['checked']} checked, {images['decoded']} decoded{reused}")
+    outputs = summary["outputs"]
+    print(f"validated manifest: {outputs['validated']}")
+    print(f"quarantine:         {outputs['quarantine']}")
+    if outputs["data_docs"]:
+        print(f"data docs:          {outputs['data_docs']}")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """``vitrine validate``."""
+    from components.validate import validate_catalog
+
+    summary = validate_catalog(
+        args.catalogue,
+        args.out,
+        validation_config_from_args(args),
+        root=args.root,
+        previous=args.previous,
+        progress=not args.quiet,
+    )
+    print_validation(summary)
+    print(f"summary: {args.out / 'summary.json'} ({summary['seconds']['total']:.1f} s)")
+    _write_json(args.json, summary)
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``vitrine demo``: every step on embedded defaults, timed."""
     from components.catalog.demo import generate_demo_catalog
+    from components.validate import validate_catalog
     from model.config import LossConfig, TrainConfig
     from model.datasets import load_dataset
     from model.evaluate_dataset import evaluate_model
@@ -296,12 +451,19 @@ def run_demo(args: argparse.Namespace) -> int:
     manifest = args.catalog or generate_demo_catalog(
         args.out / "catalog", args.products, args.photos, progress=progress
     )
-    dataset = load_dataset("catalog", manifest)
+    step("catalog", started, f"{manifest}")
+
+    started = time.perf_counter()
+    validation = validate_catalog(manifest, args.out / "validation", progress=progress)
+    dataset = load_dataset("catalog", validation["outputs"]["validated"])
+    reasons = ", ".join(f"{k} {n}" for k, n in validation["quarantined_by_reason"].items())
     step(
-        "catalog",
+        "validate",
         started,
-        f"{manifest}: {len(dataset.train)} training images, "
-        f"{len(dataset.query)} evaluation images of other products",
+        f"{validation['input_rows']} rows: {validation['valid_rows']} valid, "
+        f"{validation['quarantined_rows']} quarantined ({reasons or 'none'}); "
+        f"{len(dataset.train)} training images, {len(dataset.query)} evaluation images of "
+        "other products",
     )
 
     started = time.perf_counter()
@@ -331,27 +493,31 @@ def run_demo(args: argparse.Namespace) -> int:
         started,
         f"fine-tuned: recall@1 {tuned['recall@1']:.3f} (baseline {base['recall@1']:.3f})",
     )
-    summary = {"baseline": base, "fine_tuned": tuned, "seconds": timings}
+    summary = {"validation": validation, "baseline": base, "fine_tuned": tuned, "seconds": timings}
     write_json(args.out / "metrics.json", summary)
     print(f"metrics written to {args.out / 'metrics.json'}")
     return 0
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from model.backbone import BackboneError
-    from model.datasets.records import DatasetFormatError
-    from model.offline_weights import OfflineWeightsError
-    from model.package import ModelPackageError
+# Library errors that mean "bad input or setup", by the module that defines them.
+_LIBRARY_ERRORS = {
+    "model.datasets.records": "DatasetFormatError",
+    "model.backbone": "BackboneError",
+    "model.offline_weights": "OfflineWeightsError",
+    "model.package": "ModelPackageError",
+}
 
-    return (
-        DatasetFormatError,
-        BackboneError,
-        OfflineWeightsError,
-        ModelPackageError,
-        FileNotFoundError,
-        ValueError,
-        RuntimeError,
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The errors reported as one ``error:`` line. Only modules already imported are looked
+    at (an error cannot come from a module that was never loaded), so a failing command does
+    not pay for importing torch and timm just to name its error."""
+    library = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in _LIBRARY_ERRORS.items()
+        if module in sys.modules
     )
+    return (*library, FileNotFoundError, ValueError, RuntimeError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,13 +532,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # Great Expectations logs hundreds of INFO lines per run
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _known_errors() as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not isinstance(exc, _known_errors()):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from model.backbone import DEFAULT_BACKBONE, backbone_data_config, create_backbone
 from model.head import EmbeddingHead, EmbeddingModel
+from model.jsonfile import write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -90,10 +91,3 @@ def load_package(
     except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:
         raise ModelPackageError(f"model package {directory} is unusable: {exc}") from exc
     return model.to(device).eval(), config
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

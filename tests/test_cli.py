@@ -175,6 +175,10 @@ def test_repository_params_yaml_is_valid():
     root = Path(__file__).resolve().parents[1]
     config = TrainConfig.from_dict(load_params(root / "params.yaml", "train"))
     assert config.loss.name in {"triplet", "contrastive", "eet", "eir"}
+    from components.catalog.config import ValidationConfig
+
+    validation = ValidationConfig.from_dict(load_params(root / "params.yaml", "validate"))
+    assert validation == ValidationConfig()  # params.yaml spells out the defaults
 
 
 def test_help_does_not_import_torch():

@@ -19,9 +19,16 @@ def _digest(folder):
 
 
 def test_catalogue_is_seeded_and_loads(tmp_path):
-    first = generate_demo_catalog(tmp_path / "a", products=6, photos_per_product=3, progress=False)
-    second = generate_demo_catalog(tmp_path / "b", products=6, photos_per_product=3, progress=False)
+    def make(folder: str, bad_rows: bool):
+        return generate_demo_catalog(
+            tmp_path / folder, products=6, photos_per_product=3, progress=False, bad_rows=bad_rows
+        )
+
+    first, second = make("a", False), make("b", False)
     assert _digest(first.parent) == _digest(second.parent)
+    with_bad = make("c", True)
+    assert _digest(with_bad.parent) == _digest(make("d", True).parent)
+    assert len(with_bad.read_text().splitlines()) == 1 + 18 + 12
     with first.open() as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == MANIFEST_COLUMNS and len(rows) == 18
@@ -35,7 +42,9 @@ def test_catalogue_is_seeded_and_loads(tmp_path):
 def test_products_are_distinct_and_photos_vary(tmp_path):
     products = make_products(40, seed=3)
     assert len({(p.shape, p.pattern, p.body, p.label) for p in products}) == 40
-    manifest = generate_demo_catalog(tmp_path, products=2, photos_per_product=2, progress=False)
+    manifest = generate_demo_catalog(
+        tmp_path, products=2, photos_per_product=2, progress=False, bad_rows=False
+    )
     photos = [
         np.asarray(Image.open(manifest.parent / f"images/P0000{p}_{s}.jpg"), dtype=float)
         for p in range(2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +188,7 @@ def generate_demo_catalog(
     seed: int = 0,
     image_size: int = 224,
     progress: bool = True,
-    extra_rows: Callable[[Path], list[dict[str, str]]] | None = None,
+    bad_rows: bool = True,
 ) -> Path:
     """Write ``out_dir/manifest.csv`` and ``out_dir/images/`` and return the manifest path.
 
@@ -200,7 +199,9 @@ def generate_demo_catalog(
         seed: makes the catalogue reproducible.
         image_size: side of each square JPEG.
         progress: show a progress bar.
-        extra_rows: optional hook returning more manifest rows (e.g. deliberately bad ones).
+        bad_rows: append one deliberately bad row of each kind validation catches
+            (corrupt, missing, tiny, duplicate, path escape, bomb, wrong format, bad price,
+            no product id; see :mod:`components.catalog.bad_rows`).
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -223,8 +224,10 @@ def generate_demo_catalog(
                     "price": f"{product.price:.2f}",
                 }
             )
-    if extra_rows is not None:
-        rows.extend(extra_rows(out_dir))
+    if bad_rows:
+        from components.catalog.bad_rows import demo_bad_rows
+
+        rows.extend(demo_bad_rows(out_dir, rows))
     manifest = out_dir / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from model.datasets.catalog import load_catalog
-from model.datasets.images import ImageFileDataset, collate_skipping_unreadable, report_skipped
 from model.datasets.inshop import load_inshop
 from model.datasets.records import DatasetFormatError, ImageRecord, RetrievalDataset
 from model.datasets.sop import load_sop
@@ -26,12 +25,26 @@ __all__ = [
     "ImageRecord",
     "RetrievalDataset",
     "collate_skipping_unreadable",
+    "find_manifest",
     "load_catalog",
     "load_dataset",
     "load_inshop",
     "load_sop",
     "report_skipped",
 ]
+
+
+_IMAGE_LOADING = ("ImageFileDataset", "collate_skipping_unreadable", "report_skipped")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the image loaders (and torch with them) only when someone asks for them, so
+    reading manifests and split files stays light."""
+    if name in _IMAGE_LOADING:
+        from model.datasets import images
+
+        return getattr(images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_dataset(name: str, root: str | Path, **kwargs: Any) -> RetrievalDataset:
@@ -58,12 +71,12 @@ def load_dataset(name: str, root: str | Path, **kwargs: Any) -> RetrievalDataset
         return load_inshop(root, **kwargs)
     if name == "catalog":
         image_root = kwargs.pop("image_root", None)
-        return load_catalog(_find_manifest(Path(root).expanduser()), root=image_root, **kwargs)
+        return load_catalog(find_manifest(Path(root).expanduser()), root=image_root, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASET_NAMES)}")
 
 
-def _find_manifest(root: Path) -> Path:
-    """The manifest file itself, or the first of MANIFEST_NAMES inside a folder."""
+def find_manifest(root: Path) -> Path:
+    """The manifest file itself, or the first of :data:`MANIFEST_NAMES` inside a folder."""
     if not root.is_dir():
         return root
     for manifest_name in MANIFEST_NAMES:
