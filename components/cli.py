@@ -204,6 +204,63 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(handler=run_validate)
 
+    index = sub.add_parser(
+        "index",
+        help="embed the validated catalogue into a new Milvus collection and serve it",
+        description="Embed every image of a validated catalogue with a model package, insert "
+        "them into a new collection (one per model and build), index it (DiskANN on a Milvus "
+        "server, the best index Milvus Lite builds otherwise), verify the ANN top-10 against "
+        "exact search on >= 200 catalogue queries, and only then move the alias the service "
+        "reads. A failed build is dropped and the alias left alone. Older collections beyond "
+        "--keep are removed; --rollback points the alias back at the previous one. Options not "
+        "given come from the `index` section of --params.",
+    )
+    index.add_argument("manifest", type=Path, nargs="?", help="validated.csv from vitrine validate")
+    index.add_argument("--package", type=Path, help="model package folder (from vitrine train)")
+    index.add_argument(
+        "--uri", help="Milvus Lite folder or http://host:19530 (default: artifacts/milvus)"
+    )
+    index.add_argument("--alias", help="alias the service reads (default: vitrine_products)")
+    index.add_argument("--params", type=Path, help="params.yaml whose `index` section to read")
+    index.add_argument("--index-type", help="auto, DISKANN, HNSW, IVF_FLAT, ... (default: auto)")
+    index.add_argument("--verify-floor", type=float, help="lowest ANN recall@10 (default: 0.95)")
+    index.add_argument("--keep", type=int, help="older collections kept for rollback (default: 2)")
+    index.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    index.add_argument(
+        "--rollback", action="store_true", help="point the alias at the previous collection"
+    )
+    index.add_argument("--json", type=Path, help="also write the summary to this JSON file")
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+    index.set_defaults(handler=run_index)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the search service (API + merchandiser page) on the served collection",
+        description="Start the FastAPI search service: the page at /, the API under /v1, "
+        "/healthz, /readyz, /metrics and the OpenAPI schema at /docs. It serves the collection "
+        "the alias points at with the model that built it. Settings come from VITRINE_* "
+        "environment variables (e.g. VITRINE_MILVUS_URI, VITRINE_ADMIN_TOKEN, "
+        "VITRINE_MAX_BATCH); the options below override them.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--uri", help="Milvus Lite folder or server URI (default: artifacts/milvus)")
+    serve.add_argument("--threads", type=int, help="torch threads for the model")
+    serve.set_defaults(handler=run_serve)
+
+    rollout = sub.add_parser(
+        "rollout",
+        help="switch a running service to the collection the alias points at (and its model)",
+        description="Ask a running search service to load the model that built the aliased "
+        "collection (or --collection), warm it, and switch model and collection together; "
+        "requests in flight finish on the old pair. Needs the admin token "
+        "(VITRINE_ADMIN_TOKEN or --token).",
+    )
+    rollout.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    rollout.add_argument("--token", help="admin token (default: $VITRINE_ADMIN_TOKEN)")
+    rollout.add_argument("--collection", help="serve this collection instead of the alias target")
+    rollout.set_defaults(handler=run_rollout)
+
     demo = sub.add_parser(
         "demo",
         help="the main job on embedded defaults: demo catalogue -> validate -> fine-tune -> "
@@ -426,6 +483,94 @@ def run_validate(args: argparse.Namespace) -> int:
     print_validation(summary)
     print(f"summary: {args.out / 'summary.json'} ({summary['seconds']['total']:.1f} s)")
     _write_json(args.json, summary)
+    return 0
+
+
+def index_config_from_args(args: argparse.Namespace):
+    """Merge defaults < params.yaml `index` section < command-line options."""
+    from components.index import IndexBuildConfig
+    from model.config import load_params
+
+    raw: dict[str, Any] = load_params(args.params, "index") if args.params else {}
+    overrides = {
+        "uri": args.uri,
+        "alias": args.alias,
+        "index_type": args.index_type,
+        "verify_floor": args.verify_floor,
+        "keep_collections": args.keep,
+        "device": args.device,
+    }
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return IndexBuildConfig.from_dict(raw)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """``vitrine index``."""
+    from components.index import build_index, rollback_index
+
+    config = index_config_from_args(args)
+    if args.rollback:
+        summary = rollback_index(config)
+        print(f"alias {summary['alias']} -> {summary['collection']} (was {summary['previous']})")
+        print("running services switch with: vitrine rollout")
+    else:
+        if args.manifest is None or args.package is None:
+            raise ValueError("vitrine index needs MANIFEST and --package (or --rollback)")
+        summary = build_index(args.manifest, args.package, config, progress=not args.quiet)
+        check = summary["verification"]
+        print(
+            f"collection {summary['collection']}: {summary['rows']} images, "
+            f"{summary['index']['index_type']} ({summary['index']['reason']})"
+        )
+        print(
+            f"verified: ANN recall@{check['k']} {check['recall_at_k']:.3f} against exact search "
+            f"on {check['queries']} queries (floor {check['floor']})"
+        )
+        print(f"alias {summary['alias']} -> {summary['collection']} (was {summary['previous']})")
+        if summary["removed"]:
+            print(f"removed old collections: {', '.join(summary['removed'])}")
+    _write_json(args.json, summary)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``vitrine serve``."""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    overrides = {"milvus_uri": args.uri, "threads": args.threads}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    print(f"search page: http://{args.host}:{args.port}/  (API docs at /docs)")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def run_rollout(args: argparse.Namespace) -> int:
+    """``vitrine rollout``: POST /v1/admin/rollout on a running service."""
+    import os
+
+    import httpx
+
+    token = args.token or os.environ.get("VITRINE_ADMIN_TOKEN", "")
+    body = {"collection": args.collection} if args.collection else {}
+    try:
+        response = httpx.post(
+            f"{args.url.rstrip('/')}/v1/admin/rollout",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=600,
+        )
+    except httpx.HTTPError as err:
+        raise RuntimeError(f"cannot reach the service at {args.url}: {err}") from err
+    payload = response.json()
+    if response.status_code != 200:
+        raise RuntimeError(
+            f"rollout refused ({response.status_code}): {payload['error']['message']}"
+        )
+    serving = payload["serving"]
+    print(f"serving model {serving['model_version']} on {serving['collection']}")
     return 0
 
 

@@ -91,3 +91,19 @@ def load_package(
     except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:
         raise ModelPackageError(f"model package {directory} is unusable: {exc}") from exc
     return model.to(device).eval(), config
+
+
+def package_version(directory: Path) -> str:
+    """A model package's version: its folder name and the start of its weights' SHA-256, so
+    two packages with the same name but different weights never share a version."""
+    import hashlib
+
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelPackageError(f"model package {directory} has no {WEIGHTS_FILE}")
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{directory.resolve().name}-{digest.hexdigest()[:10]}"

@@ -139,6 +139,7 @@ def inspect_bytes(data: bytes, limits: ImageLimits, digest: str = "") -> ImageFa
         return ImageFacts(digest, len(data), "", 0, 0, False, "not_an_image", message)
     with image:
         fmt, (width, height) = image.format or "", image.size
+        fmt = "JPEG" if fmt == "MPO" else fmt  # phones' multi-picture JPEGs are JPEGs
         header_ok = (
             fmt in limits.formats
             and width * height <= limits.max_pixels

@@ -1,0 +1,332 @@
+"""The index step: embed the validated catalogue, build a new Milvus collection, verify it
+against exact search, move the alias, clean up. And its undo, :func:`rollback_index`.
+
+A failed build never touches the alias: the collection being built is dropped and the
+service keeps searching the previous one. The CLI (``vitrine index``), the DVC stage, the KFP
+component and the Airflow task all call :func:`build_index`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from serving.store import (
+    COLLECTION_PREFIX,
+    DEFAULT_ALIAS,
+    IndexConfig,
+    IndexSpec,
+    VectorStore,
+    rows_in_batches,
+)
+
+log = logging.getLogger(__name__)
+CATALOG_FIELDS = ("product_id", "category", "title", "price")
+# Columns of a validated manifest that are validation's own, not catalogue data.
+_VALIDATION_COLUMNS = {"source_row", "image_uri", "image_sha256", "image_format", "width", "height"}
+
+
+class IndexVerificationError(RuntimeError):
+    """The new collection's ANN results disagree with exact search more than allowed."""
+
+
+@dataclass(frozen=True)
+class IndexBuildConfig:
+    """Where and how to build (the ``index`` section of ``params.yaml``).
+
+    Attributes:
+        uri: A folder for embedded Milvus Lite, or ``http://host:19530`` for a server.
+        alias: The alias the search service reads.
+        index: Index type and parameters.
+        verify_queries: Catalogue images used as queries to verify the index (at least 200,
+            or all images when there are fewer).
+        verify_k: Depth compared between ANN and exact search.
+        verify_floor: Lowest acceptable ANN recall@k against exact search.
+        keep_collections: Older collections kept for rollback, besides the served one.
+        batch_size: Images per forward pass when embedding.
+        insert_batch: Rows per insert call.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    uri: str = "artifacts/milvus"
+    alias: str = DEFAULT_ALIAS
+    index: IndexConfig = field(default_factory=IndexConfig)
+    verify_queries: int = 200
+    verify_k: int = 10
+    verify_floor: float = 0.95
+    keep_collections: int = 2
+    batch_size: int = 64
+    insert_batch: int = 1000
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> IndexBuildConfig:
+        """From a mapping; index parameters may be flat or under ``index:``."""
+        raw = dict(raw)
+        index_names = {f.name for f in dataclasses.fields(IndexConfig)}
+        index = dict(raw.pop("index", {}) or {})
+        index.update({k: raw.pop(k) for k in list(raw) if k in index_names})
+        unknown = (set(raw) - {f.name for f in dataclasses.fields(cls)}) | (
+            set(index) - index_names
+        )
+        if unknown:
+            raise ValueError(f"unknown index option(s): {', '.join(sorted(unknown))}")
+        return cls(index=IndexConfig(**index), **raw)
+
+
+def collection_name(model_version: str, now: datetime | None = None) -> str:
+    """``vitrine_<model>_<UTC time>``: names sort by build time."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", model_version).strip("_")[:80]
+    return f"{COLLECTION_PREFIX}{stamp}_{slug}"
+
+
+def catalogue_rows(validated_manifest: str | Path) -> list[dict[str, Any]]:
+    """The validated manifest as store rows (without embeddings yet)."""
+    from model.datasets.catalog import read_manifest
+
+    table = read_manifest(validated_manifest, ("product_id", "image_path", "image_uri"))
+    rows = []
+    for row in table.rows:
+        values = row.values
+        extras = {
+            k: v
+            for k, v in values.items()
+            if k not in _VALIDATION_COLUMNS and k not in CATALOG_FIELDS
+        }
+        extras.pop("image_path", None)
+        rows.append(
+            {
+                "image_id": values.get("image_sha256") or values["image_uri"],
+                "product_id": values["product_id"],
+                "category": values.get("category", ""),
+                "title": values.get("title", ""),
+                "price": float(values.get("price") or 0.0),
+                "image_uri": values["image_uri"],
+                "image_path": values["image_path"],
+                **{k: v for k, v in extras.items() if v},
+            }
+        )
+    return rows
+
+
+def embed_catalogue(
+    rows: list[dict[str, Any]], package_dir: Path, config: IndexBuildConfig, progress: bool
+) -> tuple[np.ndarray, list[int]]:
+    """Embed every row's image with the package's model; return vectors and the rows kept."""
+    from model.datasets.records import ImageRecord
+    from model.embed import embed_records
+    from model.package import load_package
+    from model.train import resolve_device
+
+    device = resolve_device(config.device)
+    model, model_config = load_package(package_dir, device)
+    records = [
+        ImageRecord(path=Path(r["image_uri"]), label=0, class_key=r["product_id"]) for r in rows
+    ]
+    found = embed_records(
+        model,
+        records,
+        model_config.data,
+        batch_size=config.batch_size,
+        device=device,
+        description="embedding catalogue",
+        progress=progress,
+    )
+    return found.vectors, [int(i) for i in found.kept]
+
+
+def verify_collection(
+    store: VectorStore,
+    name: str,
+    vectors: np.ndarray,
+    image_ids: list[str],
+    spec: IndexSpec,
+    config: IndexBuildConfig,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """ANN top-k of the collection against exact top-k over the same embeddings.
+
+    Returns:
+        ``{"queries", "k", "recall_at_k", "floor", "passed"}``.
+    """
+    count = min(len(image_ids), max(config.verify_queries, 200))
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(image_ids), size=count, replace=False)
+    k = min(config.verify_k, len(image_ids))
+    exact = np.argsort(-(vectors[picked] @ vectors.T), axis=1)[:, :k]
+    ann = store.search(name, vectors[picked], k, spec)
+    overlap = [
+        len({image_ids[j] for j in exact_row} & {hit["image_id"] for hit in hits}) / k
+        for exact_row, hits in zip(exact, ann, strict=True)
+    ]
+    recall = float(np.mean(overlap)) if overlap else 1.0
+    return {
+        "queries": int(count),
+        "k": int(k),
+        "recall_at_k": recall,
+        "floor": config.verify_floor,
+        "passed": recall >= config.verify_floor,
+    }
+
+
+def build_index(
+    validated_manifest: str | Path,
+    package_dir: str | Path,
+    config: IndexBuildConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build, verify and serve a new collection for a validated catalogue and a model.
+
+    Args:
+        validated_manifest: ``validated.csv`` from the validate step.
+        package_dir: The model package whose embeddings fill the collection.
+        config: Where and how; :class:`IndexBuildConfig` defaults when None.
+        progress: Show progress bars.
+
+    Returns:
+        The build summary: collection, previous collection, index spec, rows, verification,
+        timings, and what was cleaned up.
+
+    Raises:
+        IndexVerificationError: ANN recall@k against exact search is below the floor (the new
+            collection is dropped; the alias still points at the previous one).
+        StoreUnavailable: Milvus cannot be reached.
+    """
+    from model.package import package_version
+
+    config = config or IndexBuildConfig()
+    package_dir = Path(package_dir).resolve()
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    version = package_version(package_dir)
+    all_rows = catalogue_rows(validated_manifest)
+    vectors, kept = embed_catalogue(all_rows, package_dir, config, progress)
+    rows = [all_rows[i] for i in kept]
+    seconds["embed"] = time.perf_counter() - started
+
+    store = VectorStore(config.uri, alias=config.alias)
+    name = collection_name(version)
+    tick = time.perf_counter()
+    try:
+        store.create_collection(name, int(vectors.shape[1]))
+        with tqdm(total=len(rows), desc="inserting", unit="row", disable=not progress) as bar:
+            for offset, batch in enumerate(rows_in_batches(rows, config.insert_batch)):
+                start = offset * config.insert_batch
+                vectors_batch = vectors[start : start + len(batch)]
+                store.insert(
+                    name,
+                    [{**row, "embedding": v} for row, v in zip(batch, vectors_batch, strict=True)],
+                )
+                bar.update(len(batch))
+        seconds["insert"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        spec = store.build_index(name, config.index)
+        seconds["index"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        verification = verify_collection(
+            store, name, vectors, [r["image_id"] for r in rows], spec, config
+        )
+        seconds["verify"] = time.perf_counter() - tick
+        if not verification["passed"]:
+            raise IndexVerificationError(
+                f"collection {name}: ANN recall@{verification['k']} against exact search is "
+                f"{verification['recall_at_k']:.3f}, below the floor "
+                f"{config.verify_floor} (index {spec.index_type} {spec.build_params}, search "
+                f"{spec.search_params}); it was dropped and the alias left as it was"
+            )
+        metadata = {
+            "model_version": version,
+            "model_package": str(package_dir),
+            "manifest": str(Path(validated_manifest).resolve()),
+            "index": dataclasses.asdict(spec),
+            "verification": verification,
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "dim": int(vectors.shape[1]),
+            "categories": sorted({r["category"] for r in rows if r["category"]}),
+        }
+        store.set_metadata(name, metadata)
+    except BaseException:
+        store.drop(name)
+        store.close()
+        raise
+    previous = store.point_alias(name)
+    removed = cleanup_collections(store, config.keep_collections)
+    store.close()
+    seconds["total"] = time.perf_counter() - started
+    summary = {
+        "collection": name,
+        "previous": previous,
+        "alias": config.alias,
+        "uri": config.uri,
+        "rows": len(rows),
+        "skipped_images": len(all_rows) - len(rows),
+        **metadata,
+        "removed": removed,
+        "seconds": seconds,
+    }
+    log.info(
+        "alias %s -> %s (%d rows, %s, recall@%d %.3f)",
+        config.alias,
+        name,
+        len(rows),
+        spec.index_type,
+        verification["k"],
+        verification["recall_at_k"],
+    )
+    return summary
+
+
+def cleanup_collections(store: VectorStore, keep: int) -> list[str]:
+    """Drop collections older than the served one beyond the ``keep`` newest of them, and
+    half-built orphans (newer than the served one: a build that was killed)."""
+    served = store.alias_target()
+    names = store.collections()
+    if served not in names:
+        return []
+    position = names.index(served)
+    older, newer = names[:position], names[position + 1 :]
+    doomed = older[: max(0, len(older) - keep)] + newer
+    for name in doomed:
+        store.drop(name)
+    return doomed
+
+
+def rollback_index(config: IndexBuildConfig | None = None) -> dict[str, Any]:
+    """Point the alias back at the newest collection older than the served one.
+
+    Raises:
+        RuntimeError: There is no older collection to go back to.
+    """
+    config = config or IndexBuildConfig()
+    store = VectorStore(config.uri, alias=config.alias)
+    try:
+        served = store.alias_target()
+        names = store.collections()
+        older = [n for n in names if served is None or n < served]
+        if not older:
+            raise RuntimeError(
+                f"nothing to roll back to: alias {config.alias} serves {served} and no older "
+                f"collection is kept in {config.uri}"
+            )
+        target = older[-1]
+        store.load(target)
+        store.point_alias(target)
+        return {
+            "alias": config.alias,
+            "collection": target,
+            "previous": served,
+            **store.metadata(target),
+        }
+    finally:
+        store.close()

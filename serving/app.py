@@ -1,0 +1,107 @@
+"""``create_app()``: the FastAPI search service.
+
+The model and the store are opened in ``lifespan`` and kept on ``app.state``; nothing heavy
+happens at import time. If nothing can be loaded at start-up (no collection yet, Milvus
+down), the service still starts, answers ``/healthz``, reports ``/readyz`` false with the
+reason, and keeps retrying in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from serving.errors import error_body, install_error_handlers
+from serving.metrics import ServiceMetrics
+from serving.pair import PairHolder
+from serving.routes import router
+from serving.settings import Settings, get_settings
+from serving.store import VectorStore
+
+log = logging.getLogger(__name__)
+# Room for the multipart envelope and form fields around the image itself.
+ENVELOPE_BYTES = 64 * 1024
+
+
+async def _load_until_ready(app: FastAPI) -> None:
+    """Keep trying to load the served pair while there is none."""
+    holder: PairHolder = app.state.holder
+    metrics: ServiceMetrics = app.state.metrics
+    while holder.current is None:
+        try:
+            pair, _ = await holder.rollout()
+            metrics.set_serving(
+                pair.model_version,
+                pair.collection,
+                pair.spec.index_type,
+                pair.metadata.get("rows", 0),
+            )
+        except Exception as err:
+            holder.last_error = f"nothing served yet: {err}"
+            log.warning(
+                "%s (retrying in %.0f s)", holder.last_error, app.state.settings.reload_interval_s
+            )
+            await asyncio.sleep(app.state.settings.reload_interval_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Assemble the service. ``settings`` default to the ``VITRINE_*`` environment."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.alias)
+        metrics: ServiceMetrics = app.state.metrics
+        app.state.store = store
+        app.state.holder = PairHolder(
+            store, settings, on_batch=lambda size, _s: metrics.batch_size.observe(size)
+        )
+        loader = asyncio.create_task(_load_until_ready(app))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await app.state.holder.close()
+
+    app = FastAPI(
+        title="Vitrine search",
+        version="1",
+        description="Visual product search: find catalogue products that look like a photo.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    install_error_handlers(app, lambda kind: app.state.metrics.errors.labels(kind).inc())
+
+    @app.middleware("http")
+    async def limit_and_measure(request: Request, call_next):
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_upload_bytes + ENVELOPE_BYTES:
+            app.state.metrics.errors.labels("upload_too_large").inc()
+            response = JSONResponse(
+                error_body(
+                    "upload_too_large",
+                    f"the request body is over {settings.max_upload_bytes} bytes",
+                ),
+                status_code=413,
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics = app.state.metrics
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(path, request.method).observe(time.perf_counter() - started)
+        return response
+
+    app.include_router(router)
+    return app

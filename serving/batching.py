@@ -1,0 +1,275 @@
+"""Micro-batching of concurrent query embeddings, and a cache of recent ones.
+
+A model embeds a batch of 8 images in far less than 8 times the time of one, so concurrent
+requests are worth grouping. :class:`MicroBatcher` queues each request's image; one background
+task takes up to ``max_batch`` of them, waiting at most ``max_wait_ms`` after the oldest one
+arrived, and runs the embedding function on the whole batch in a worker thread, one batch at a
+time, so the event loop keeps accepting requests meanwhile. :class:`EmbeddingCache` answers
+repeated uploads of the same bytes without running the model at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EmbedFn = Callable[[list[Any]], np.ndarray]
+BatchCallback = Callable[[int, float], None]
+
+
+@dataclass
+class _Request:
+    image: Any
+    future: asyncio.Future[np.ndarray]
+    queued_at: float  # event-loop time
+
+
+class MicroBatcher:
+    """Groups concurrent :meth:`embed` calls into batches for one embedding function.
+
+    Use it from one event loop (the service's). The background task starts on the first
+    :meth:`embed` (or :meth:`start`); :meth:`close` stops it.
+
+    Args:
+        embed_fn: Embeds a list of images as one batch, returning ``[len(images), dim]``; it
+            runs in a worker thread, never two calls at once.
+        max_batch: Most images per call of ``embed_fn``.
+        max_wait_ms: Longest time the oldest queued request waits for others to join its
+            batch; 0 batches only what is already queued.
+        on_batch: Called after each call of ``embed_fn`` (successful or not) with the batch
+            size and the seconds the call took, e.g. to feed Prometheus histograms. Errors it
+            raises are logged and ignored.
+    """
+
+    def __init__(
+        self,
+        embed_fn: EmbedFn,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+        on_batch: BatchCallback | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
+        self.embed_fn = embed_fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (not counting the batch being embedded)."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    async def start(self) -> None:
+        """Start the background task now rather than on the first request.
+
+        Raises:
+            RuntimeError: The batcher is closed.
+        """
+        self._ensure_running()
+
+    async def embed(self, image: Any) -> np.ndarray:
+        """Embed one image as part of whatever batch it joins.
+
+        Args:
+            image: Passed to ``embed_fn`` inside a list.
+
+        Returns:
+            This image's row of the batch's embeddings (a copy).
+
+        Raises:
+            RuntimeError: The batcher is closed, or was closed before this image was embedded.
+            Exception: Whatever ``embed_fn`` raised for this image's batch.
+        """
+        self._ensure_running()
+        loop = asyncio.get_running_loop()
+        request = _Request(image, loop.create_future(), loop.time())
+        self._pending.append(request)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await request.future
+
+    async def close(self) -> None:
+        """Stop the background task after the batch in flight, failing queued requests.
+
+        A batch already handed to ``embed_fn`` completes (its thread cannot be interrupted);
+        requests still queued fail with :class:`RuntimeError`. Safe to call more than once.
+        """
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_pending()
+
+    def _ensure_running(self) -> None:
+        if self._closed:
+            raise RuntimeError("MicroBatcher is closed; no more images can be embedded")
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def _run(self) -> None:
+        """Form and embed batches until closed; queued requests never outlive this task."""
+        try:
+            while not self._closed:
+                batch = await self._next_batch()
+                if batch:
+                    await self._embed_batch(batch)
+        finally:
+            self._fail_pending()
+
+    async def _next_batch(self) -> list[_Request]:
+        """Wait for a first request, then for more until the batch is full or its time is up."""
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while not self._pending and not self._closed:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if not self._pending:
+            return []
+        deadline = self._pending[0].queued_at + self.max_wait
+        while len(self._pending) < self.max_batch and not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        if self._closed:
+            return []
+        batch = []
+        while self._pending and len(batch) < self.max_batch:
+            request = self._pending.popleft()
+            if not request.future.done():  # a caller that gave up (cancelled) is skipped
+                batch.append(request)
+        return batch
+
+    async def _embed_batch(self, batch: list[_Request]) -> None:
+        """Run ``embed_fn`` on one batch in a worker thread and resolve its futures."""
+        start = time.perf_counter()
+        try:
+            vectors = await asyncio.to_thread(self.embed_fn, [r.image for r in batch])
+            if len(vectors) != len(batch):
+                raise RuntimeError(
+                    f"embed_fn returned {len(vectors)} rows for a batch of {len(batch)} images"
+                )
+        except Exception as err:
+            _fail(batch, err)
+        except asyncio.CancelledError:  # the loop is shutting down under this batch
+            _fail(batch, RuntimeError("MicroBatcher was stopped while embedding this image"))
+            raise
+        else:
+            for request, row in zip(batch, vectors, strict=True):
+                if not request.future.done():
+                    request.future.set_result(np.array(row, copy=True))
+        finally:
+            self._report(len(batch), time.perf_counter() - start)
+
+    def _report(self, size: int, seconds: float) -> None:
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(size, seconds)
+        except Exception:
+            log.exception("MicroBatcher on_batch callback failed")
+
+    def _fail_pending(self) -> None:
+        while self._pending:
+            request = self._pending.popleft()
+            if not request.future.done():
+                request.future.set_exception(
+                    RuntimeError("MicroBatcher was closed before this image was embedded")
+                )
+
+
+def _fail(batch: list[_Request], err: BaseException) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(err)
+
+
+def digest(data: bytes) -> str:
+    """The cache key of an upload: the SHA-256 hex digest of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    """A thread-safe LRU cache of recent query embeddings, keyed by :func:`digest`.
+
+    Embeddings belong to one model: clear the cache (or build a new one) when the model
+    changes. Stored arrays are read-only copies, so no caller can alter another's result.
+
+    Args:
+        maxsize: Most embeddings kept; 0 disables the cache (every ``get`` misses).
+
+    Attributes:
+        hits: ``get`` calls that found an embedding.
+        misses: ``get`` calls that did not.
+    """
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        if maxsize < 0:
+            raise ValueError(f"maxsize must not be negative, got {maxsize}")
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._items: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Number of embeddings held."""
+        with self._lock:
+            return len(self._items)
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The embedding stored under ``key`` (now the most recently used), or None."""
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        """Store ``value`` under ``key``, evicting the least recently used beyond ``maxsize``."""
+        if self.maxsize == 0:
+            return
+        stored = np.array(value, copy=True)
+        stored.flags.writeable = False
+        with self._lock:
+            self._items[key] = stored
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every embedding (counters are kept)."""
+        with self._lock:
+            self._items.clear()

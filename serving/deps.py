@@ -1,0 +1,57 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the routes stay short."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from serving.errors import ApiError
+from serving.metrics import ServiceMetrics
+from serving.pair import PairHolder
+from serving.settings import Settings
+from serving.store import VectorStore
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _holder(request: Request) -> PairHolder:
+    return request.app.state.holder
+
+
+def _store(request: Request) -> VectorStore:
+    return request.app.state.store
+
+
+def _metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def _admin(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_admin_token: Annotated[str | None, Header()] = None,
+) -> None:
+    """401 without a token, 403 with a wrong one (or when admin is disabled)."""
+    expected = request.app.state.settings.admin_token
+    given = x_admin_token
+    if authorization and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    if not given:
+        raise ApiError(401, "unauthorized", "admin endpoints need a token (Authorization: Bearer)")
+    if not expected:
+        raise ApiError(
+            403, "admin_disabled", "admin endpoints are disabled: set VITRINE_ADMIN_TOKEN"
+        )
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(403, "forbidden", "wrong admin token")
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+HolderDep = Annotated[PairHolder, Depends(_holder)]
+StoreDep = Annotated[VectorStore, Depends(_store)]
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
+AdminDep = Annotated[None, Depends(_admin)]

@@ -1,0 +1,94 @@
+"""Typed service errors and the one place they become HTTP answers.
+
+Every error is JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx or 503 status;
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.store import StoreError, StoreUnavailable
+from serving.uploads import UploadError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class NotReady(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "not_ready", message)
+
+
+def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def install_error_handlers(app: FastAPI, count_error) -> None:
+    """Map every library error to its status; ``count_error(kind)`` feeds the metrics."""
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, err: ApiError) -> JSONResponse:
+        count_error(err.code)
+        return JSONResponse(error_body(err.code, err.message), status_code=err.status)
+
+    @app.exception_handler(UploadError)
+    async def _upload(request: Request, err: UploadError) -> JSONResponse:
+        count_error(err.code)
+        return JSONResponse(error_body(err.code, str(err)), status_code=err.status)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
+        count_error("milvus_unavailable")
+        log.warning("search store unavailable: %s", err)
+        return JSONResponse(
+            error_body("milvus_unavailable", "the vector store is unavailable; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, err: StoreError) -> JSONResponse:
+        count_error("store_error")
+        log.error("search store error: %s", err)
+        return JSONResponse(
+            error_body("store_error", "the vector store could not answer this request"),
+            status_code=503,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        count_error("invalid_request")
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in err.errors()]
+        message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+        return JSONResponse(
+            error_body("invalid_request", message, details=details), status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        count_error(code)
+        return JSONResponse(
+            error_body(code, str(err.detail)), status_code=err.status_code, headers=err.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        count_error("internal")
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", "unexpected server error"), status_code=500)

@@ -1,0 +1,140 @@
+"""The (model, collection) pair the service answers with, and how it is swapped.
+
+A request takes the current pair once, at its start, and uses it to the end, so requests in
+flight during a rollout finish on the old pair. A rollout loads and warms the new model
+first, then swaps the reference (one assignment), then waits for the old pair's requests to
+drain before closing it: no request is dropped and none sees a half-switched pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.batching import EmbeddingCache, MicroBatcher
+from serving.embedder import Embedder
+from serving.store import IndexSpec, VectorStore, spec_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingPair:
+    """A loaded model and the collection its embeddings fill."""
+
+    embedder: Embedder
+    batcher: MicroBatcher
+    cache: EmbeddingCache
+    collection: str
+    spec: IndexSpec
+    metadata: dict[str, Any]
+    in_flight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.metadata.get("model_version", self.embedder.version))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "collection": self.collection,
+            "index_type": self.spec.index_type,
+            "index_reason": self.spec.reason,
+            "rows": self.metadata.get("rows"),
+            "built_at": self.metadata.get("built_at"),
+        }
+
+
+class PairHolder:
+    """Holds the current pair; hands it to requests; swaps it on rollout."""
+
+    def __init__(self, store: VectorStore, settings: Any, on_batch=None) -> None:
+        self.store = store
+        self.settings = settings
+        self.on_batch = on_batch
+        self.current: ServingPair | None = None
+        self.last_error: str = ""
+        self._rollout_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[ServingPair]:
+        """The current pair, held for the duration of one request."""
+        from serving.errors import NotReady
+
+        pair = self.current
+        if pair is None:
+            raise NotReady(self.last_error or "no model and collection are loaded yet")
+        pair.in_flight += 1
+        pair.drained.clear()
+        try:
+            yield pair
+        finally:
+            pair.in_flight -= 1
+            if pair.in_flight == 0:
+                pair.drained.set()
+
+    async def load(self, collection: str | None = None) -> ServingPair:
+        """Build the pair for ``collection`` (default: the alias target) and warm it up."""
+        target = collection or await asyncio.to_thread(self.store.alias_target)
+        if target is None:
+            raise LookupError(
+                f"alias {self.store.alias} points at no collection in {self.store.uri}: run "
+                "`vitrine index` (or `vitrine demo`) first"
+            )
+        await asyncio.to_thread(self.store.load, target)
+        metadata = await asyncio.to_thread(self.store.metadata, target)
+        package = metadata.get("model_package")
+        if not package:
+            raise LookupError(f"collection {target} does not record the model that built it")
+        s = self.settings
+        embedder = await asyncio.to_thread(Embedder, package, s.device, s.threads)
+        if embedder.dim != int(metadata.get("dim", embedder.dim)):
+            raise LookupError(
+                f"model {package} embeds in {embedder.dim} dimensions but collection {target} "
+                f"holds {metadata.get('dim')}"
+            )
+        await asyncio.to_thread(embedder.warm_up)
+        batcher = MicroBatcher(
+            embedder.embed_images, s.max_batch, s.max_wait_ms, on_batch=self.on_batch
+        )
+        return ServingPair(
+            embedder=embedder,
+            batcher=batcher,
+            cache=EmbeddingCache(s.cache_size),
+            collection=target,
+            spec=spec_from_dict(metadata.get("index", {"index_type": "", "metric_type": "IP"})),
+            metadata=metadata,
+        )
+
+    async def rollout(
+        self, collection: str | None = None
+    ) -> tuple[ServingPair, ServingPair | None]:
+        """Load the new pair, swap it in, drain and close the old one.
+
+        Raises whatever loading raises; the old pair then keeps serving untouched.
+        """
+        async with self._rollout_lock:
+            new = await self.load(collection)
+            old, self.current = self.current, new
+            self.last_error = ""
+            log.info("serving %s on %s", new.model_version, new.collection)
+        if old is not None:
+            asyncio.get_running_loop().create_task(self._retire(old))
+        return new, old
+
+    async def _retire(self, old: ServingPair) -> None:
+        if old.in_flight:
+            await old.drained.wait()
+        await old.batcher.close()
+        if self.current is None or self.current.collection != old.collection:
+            await asyncio.to_thread(self.store.forget, old.collection)
+
+    async def close(self) -> None:
+        if self.current is not None:
+            await self.current.batcher.close()
+        await asyncio.to_thread(self.store.close)

@@ -1,0 +1,309 @@
+"""HTTP routes (versioned under /v1), each a few lines over serving/search.py and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
+from serving.errors import ApiError
+from serving.pair import ServingPair
+from serving.search import milvus_filter, search_vector
+from serving.uploads import UploadLimits, decode_upload
+
+router = APIRouter()
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+class SearchHit(BaseModel):
+    product_id: str
+    image_id: str
+    score: float = Field(description="cosine similarity to the query, higher is closer")
+    title: str
+    category: str
+    price: float
+    image_url: str
+    extra: dict[str, Any] = Field(default_factory=dict, description="extra catalogue fields")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    model_version: str
+    collection: str
+    index_type: str
+    took_ms: float
+    stages_ms: dict[str, float]
+
+
+class RolloutRequest(BaseModel):
+    collection: str | None = Field(
+        default=None, description="collection to serve; default: where the alias points"
+    )
+
+
+def _check_top_k(top_k: int, settings: Any) -> None:
+    if not 1 <= top_k <= settings.max_top_k:
+        raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {settings.max_top_k}")
+
+
+def _response(pair: ServingPair, results: list, started: float, timings: dict) -> dict:
+    return {
+        "results": results,
+        "model_version": pair.model_version,
+        "collection": pair.collection,
+        "index_type": pair.spec.index_type,
+        "took_ms": round(1000 * (time.perf_counter() - started), 2),
+        "stages_ms": {k: round(1000 * v, 2) for k, v in timings.items()},
+    }
+
+
+def _observe(metrics: Any, timings: dict[str, float]) -> None:
+    for stage, seconds in timings.items():
+        metrics.stage.labels(stage).observe(seconds)
+
+
+async def _embed_upload(
+    pair: ServingPair,
+    data: bytes,
+    content_type: str | None,
+    settings: Any,
+    metrics: Any,
+    timings: dict[str, float],
+):
+    """Decode (with limits) and embed an upload; recent identical uploads hit the cache."""
+    key = hashlib.sha256(data).hexdigest()
+    cached = pair.cache.get(key)
+    metrics.cache.labels("hit" if cached is not None else "miss").inc()
+    if cached is not None:
+        return cached, key
+    started = time.perf_counter()
+    limits = UploadLimits(
+        max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
+    )
+    image = await asyncio.to_thread(decode_upload, data, content_type, limits)
+    timings["decode"] = time.perf_counter() - started
+    started = time.perf_counter()
+    vector = await pair.batcher.embed(image)
+    timings["embed"] = time.perf_counter() - started
+    pair.cache.put(key, vector)
+    return vector, key
+
+
+async def _read_upload(image: UploadFile, settings: Any) -> bytes:
+    data = await image.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(
+            413, "upload_too_large", f"the image is over {settings.max_upload_bytes} bytes"
+        )
+    return data
+
+
+@router.post("/v1/search/image", response_model=SearchResponse, tags=["search"])
+async def search_by_image(
+    holder: HolderDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG or WEBP)")],
+    top_k: Annotated[int | None, Form()] = None,
+    category: Annotated[str | None, Form()] = None,
+    price_min: Annotated[float | None, Form()] = None,
+    price_max: Annotated[float | None, Form()] = None,
+) -> dict:
+    """Products that look like the uploaded photo."""
+    started = time.perf_counter()
+    top_k = settings.default_top_k if top_k is None else top_k
+    _check_top_k(top_k, settings)
+    data = await _read_upload(image, settings)
+    timings: dict[str, float] = {}
+    async with holder.use() as pair:
+        vector, _ = await _embed_upload(pair, data, image.content_type, settings, metrics, timings)
+        expr = milvus_filter(category or None, price_min, price_max)
+        results = await search_vector(store, pair, vector, top_k, expr, timings)
+        _observe(metrics, timings)
+        return _response(pair, results, started, timings)
+
+
+@router.get("/v1/search/product/{product_id}", response_model=SearchResponse, tags=["search"])
+async def search_by_product(
+    product_id: str,
+    holder: HolderDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    top_k: Annotated[int | None, Query()] = None,
+    category: Annotated[str | None, Query()] = None,
+    price_min: Annotated[float | None, Query()] = None,
+    price_max: Annotated[float | None, Query()] = None,
+) -> dict:
+    """Other products that look like this one (its first photo is the query)."""
+    started = time.perf_counter()
+    top_k = settings.default_top_k if top_k is None else top_k
+    _check_top_k(top_k, settings)
+    timings: dict[str, float] = {}
+    async with holder.use() as pair:
+        tick = time.perf_counter()
+        rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id, True)
+        timings["fetch_query"] = time.perf_counter() - tick
+        if not rows:
+            raise ApiError(
+                404, "unknown_product", f"no product {product_id!r} in {pair.collection}"
+            )
+        import numpy as np
+
+        vector = np.asarray(sorted(rows, key=lambda r: r["image_id"])[0]["embedding"], np.float32)
+        expr = milvus_filter(category or None, price_min, price_max, exclude_product=product_id)
+        results = await search_vector(store, pair, vector, top_k, expr, timings)
+        _observe(metrics, timings)
+        return _response(pair, results, started, timings)
+
+
+@router.get("/v1/products/{product_id}", tags=["catalogue"])
+async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
+    """A product's images and catalogue fields."""
+    from serving.search import image_url
+
+    async with holder.use() as pair:
+        rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
+    if not rows:
+        raise ApiError(404, "unknown_product", f"no product {product_id!r}")
+    first = rows[0]
+    return {
+        "product_id": product_id,
+        "title": first.get("title", ""),
+        "category": first.get("category", ""),
+        "price": first.get("price", 0.0),
+        "images": [{"image_id": r["image_id"], "image_url": image_url(r)} for r in rows],
+    }
+
+
+@router.get("/v1/images/{image_id}", tags=["catalogue"])
+async def catalogue_image(image_id: str, holder: HolderDep, store: StoreDep) -> Response:
+    """A catalogue photo by image id (only files the served collection lists)."""
+    async with holder.use() as pair:
+        row = await asyncio.to_thread(store.row_by_image, pair.collection, image_id)
+    if row is None:
+        raise ApiError(404, "unknown_image", f"no image {image_id!r}")
+    path = Path(str(row.get("image_uri", "")).removeprefix("file://"))
+    if not path.is_file():
+        raise ApiError(404, "image_gone", f"image {image_id!r} is no longer on disk")
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+
+
+@router.get("/v1/info", tags=["service"])
+async def info(holder: HolderDep) -> dict:
+    """The model and collection being served, and the catalogue's categories."""
+    async with holder.use() as pair:
+        return {**pair.describe(), "categories": pair.metadata.get("categories", [])}
+
+
+@router.post("/v1/admin/products", tags=["admin"], status_code=201)
+async def add_product(
+    _: AdminDep,
+    holder: HolderDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    image: Annotated[UploadFile, File()],
+    product_id: Annotated[str, Form(min_length=1, max_length=128)],
+    category: Annotated[str, Form(min_length=1, max_length=512)],
+    title: Annotated[str, Form(min_length=1, max_length=500)],
+    price: Annotated[float, Form(ge=0)],
+) -> dict:
+    """Add (or replace) one photo of a product in the live collection; searchable at once."""
+    data = await _read_upload(image, settings)
+    timings: dict[str, float] = {}
+    async with holder.use() as pair:
+        vector, key = await _embed_upload(
+            pair, data, image.content_type, settings, metrics, timings
+        )
+        folder = Path(settings.upload_dir)
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        path = (folder / f"{key}.img").resolve()
+        await asyncio.to_thread(path.write_bytes, data)
+        row = {
+            "image_id": key,
+            "product_id": product_id,
+            "category": category,
+            "title": title,
+            "price": price,
+            "image_uri": str(path),
+            "embedding": vector,
+        }
+        await asyncio.to_thread(store.upsert, pair.collection, [row])
+        return {"product_id": product_id, "image_id": key, "collection": pair.collection}
+
+
+@router.delete("/v1/admin/products/{product_id}", tags=["admin"])
+async def remove_product(product_id: str, _: AdminDep, holder: HolderDep, store: StoreDep) -> dict:
+    """Remove every photo of a product from the live collection."""
+    async with holder.use() as pair:
+        removed = await asyncio.to_thread(store.delete_product, pair.collection, product_id)
+    if not removed:
+        raise ApiError(404, "unknown_product", f"no product {product_id!r}")
+    return {"product_id": product_id, "removed_images": removed}
+
+
+@router.post("/v1/admin/rollout", tags=["admin"])
+async def rollout(
+    _: AdminDep, holder: HolderDep, metrics: MetricsDep, body: RolloutRequest | None = None
+) -> dict:
+    """Serve the collection the alias points at (or the one named) with the model that built
+    it: load and warm the model, then switch model and collection together."""
+    from model.package import ModelPackageError
+
+    previous = holder.current.describe() if holder.current else None
+    try:
+        new, _old = await holder.rollout(body.collection if body else None)
+    except (LookupError, ModelPackageError, ValueError) as err:
+        metrics.rollouts.labels("refused").inc()
+        raise ApiError(409, "rollout_refused", f"{err}; still serving the previous pair") from err
+    metrics.rollouts.labels("done").inc()
+    metrics.set_serving(
+        new.model_version, new.collection, new.spec.index_type, new.metadata.get("rows", 0)
+    )
+    return {"serving": new.describe(), "previous": previous}
+
+
+@router.get("/healthz", tags=["service"])
+async def healthz() -> dict:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["service"])
+async def readyz(holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> JSONResponse:
+    """Ready when a model and collection are loaded and Milvus answers."""
+    pair = holder.current
+    reachable = await asyncio.to_thread(store.ping) if pair is not None else False
+    ready = pair is not None and reachable
+    metrics.ready.set(1 if ready else 0)
+    body: dict[str, Any] = {"ready": ready}
+    if pair is not None:
+        body.update(pair.describe())
+    if not ready:
+        body["reason"] = holder.last_error or (
+            "Milvus is unreachable" if pair is not None else "nothing loaded yet"
+        )
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    """The merchandiser page."""
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))

@@ -1,0 +1,93 @@
+"""Search logic between the routes and the store: filters, grouping by product, results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from serving.pair import ServingPair
+from serving.store import VectorStore
+
+# Hits fetched per product asked for: a product has several photos, results are per product.
+HITS_PER_RESULT = 8
+MAX_FETCH = 16384
+
+
+def milvus_filter(
+    category: str | None = None,
+    price_min: float | None = None,
+    price_max: float | None = None,
+    exclude_product: str | None = None,
+) -> str:
+    """A Milvus boolean expression for the catalogue filters (strings quoted as JSON)."""
+    parts = []
+    if category:
+        parts.append(f"category == {json.dumps(category)}")
+    if price_min is not None:
+        parts.append(f"price >= {float(price_min)!r}")
+    if price_max is not None:
+        parts.append(f"price <= {float(price_max)!r}")
+    if exclude_product:
+        parts.append(f"product_id != {json.dumps(exclude_product)}")
+    return " and ".join(parts)
+
+
+def best_per_product(hits: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
+    """The best-scoring image of each product, in score order, at most ``top_k``."""
+    seen: set[str] = set()
+    results = []
+    for hit in hits:
+        if hit["product_id"] in seen:
+            continue
+        seen.add(hit["product_id"])
+        results.append(hit)
+        if len(results) == top_k:
+            break
+    return results
+
+
+def image_url(hit: dict[str, Any]) -> str:
+    """Where a browser can fetch the result's image."""
+    uri = str(hit.get("image_uri", ""))
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return f"/v1/images/{hit['image_id']}"
+
+
+def shape_result(hit: dict[str, Any]) -> dict[str, Any]:
+    core = {"product_id", "image_id", "score", "title", "category", "price", "image_uri"}
+    return {
+        "product_id": hit["product_id"],
+        "image_id": hit["image_id"],
+        "score": round(float(hit["score"]), 6),
+        "title": hit.get("title", ""),
+        "category": hit.get("category", ""),
+        "price": float(hit.get("price", 0.0)),
+        "image_url": image_url(hit),
+        "extra": {k: v for k, v in hit.items() if k not in core and k != "image_path"},
+    }
+
+
+async def search_vector(
+    store: VectorStore,
+    pair: ServingPair,
+    vector: np.ndarray,
+    top_k: int,
+    filter_expr: str,
+    timings: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Search the pair's collection and return ``top_k`` products, best first."""
+    started = time.perf_counter()
+    depth = min(MAX_FETCH, top_k * HITS_PER_RESULT)
+    hits = await asyncio.to_thread(
+        store.search, pair.collection, vector[None, :], depth, pair.spec, filter_expr
+    )
+    timings["search"] = time.perf_counter() - started
+    started = time.perf_counter()
+    results = [shape_result(hit) for hit in best_per_product(hits[0], top_k)]
+    timings["fetch"] = time.perf_counter() - started
+    return results

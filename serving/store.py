@@ -1,0 +1,455 @@
+"""The vector store: Milvus through pymilvus' ``MilvusClient``, embedded or on a server.
+
+The URI decides. A path (``artifacts/milvus``) is embedded Milvus Lite: nothing to start.
+Lite allows one process per database file, and the nightly index step must build while the
+service keeps serving, so each collection lives in its own file ``<folder>/<name>.db`` and the
+alias is a pointer file ``<folder>/<alias>.alias`` replaced atomically (``os.replace``). An
+``http://host:19530`` URI is a Milvus standalone or distributed server: collections and the
+alias are the server's own.
+
+Each collection records what built it (model version and package, index type and why, row
+count, build time) in a small companion collection ``<name>_meta``, so the alias alone says
+which model must serve it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+COLLECTION_PREFIX = "vitrine_"
+DEFAULT_ALIAS = "vitrine_products"
+# Milvus Lite 3.x builds these; DISKANN is accepted by create_index but breaks loading.
+LITE_INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "FLAT", "AUTOINDEX")
+SCHEMA_FIELDS = ("image_id", "product_id", "category", "title", "price", "image_uri")
+OUTPUT_FIELDS = ["product_id", "category", "title", "price", "image_uri", "$meta"]
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+
+
+class StoreError(RuntimeError):
+    """A vector-store operation failed for a reason other than reachability."""
+
+
+class StoreUnavailable(StoreError):
+    """Milvus cannot be reached (server down, network, database file locked)."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How collections are indexed and searched (the ``index`` section of ``params.yaml``).
+
+    Attributes:
+        index_type: ``auto`` (DISKANN on a server, HNSW on Milvus Lite) or a Milvus index type.
+        metric_type: ``IP``: embeddings are L2-normalised, so inner product is cosine.
+        search_list: DiskANN's candidate list at search time (larger: better recall, slower).
+        hnsw_m: HNSW graph degree.
+        hnsw_ef_construction: HNSW build-time candidate list.
+        hnsw_ef: HNSW search-time candidate list.
+        ivf_nlist: IVF clusters.
+        ivf_nprobe: IVF clusters searched.
+    """
+
+    index_type: str = "auto"
+    metric_type: str = "IP"
+    search_list: int = 100
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef: int = 96
+    ivf_nlist: int = 128
+    ivf_nprobe: int = 16
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The index a collection got, its search parameters, and why it is that one."""
+
+    index_type: str
+    metric_type: str
+    build_params: dict[str, Any] = field(default_factory=dict)
+    search_params: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def is_embedded(uri: str) -> bool:
+    """True for a Milvus Lite path, False for a server URI (``http(s)://``, ``tcp://``)."""
+    return not re.match(r"^(https?|tcp|grpc|unix)://", uri)
+
+
+def index_spec(index_type: str, config: IndexConfig, reason: str) -> IndexSpec:
+    """The build and search parameters Milvus expects for one index type."""
+    kind = index_type.upper()
+    build: dict[str, Any] = {}
+    search: dict[str, Any] = {}
+    if kind == "DISKANN":
+        search = {"search_list": config.search_list}
+    elif kind.startswith("HNSW"):
+        build = {"M": config.hnsw_m, "efConstruction": config.hnsw_ef_construction}
+        search = {"ef": config.hnsw_ef}
+    elif kind.startswith("IVF"):
+        build = {"nlist": config.ivf_nlist}
+        search = {"nprobe": config.ivf_nprobe}
+    return IndexSpec(kind, config.metric_type, build, search, reason)
+
+
+def choose_index(embedded: bool, config: IndexConfig) -> IndexSpec:
+    """The best index the backend accepts for ``config.index_type``, and the reason."""
+    wanted = config.index_type.upper()
+    if wanted == "AUTO":
+        if embedded:
+            return index_spec(
+                "HNSW", config, "Milvus Lite has no DiskANN; HNSW is the best index it builds"
+            )
+        return index_spec("DISKANN", config, "DiskANN on a Milvus server (auto)")
+    if embedded and wanted not in LITE_INDEX_TYPES:
+        return index_spec(
+            "HNSW", config, f"Milvus Lite cannot build {wanted}; HNSW is the best it builds"
+        )
+    return index_spec(wanted, config, f"{wanted} as configured")
+
+
+def _unavailable(err: Exception) -> bool:
+    text = str(err).lower()
+    return any(
+        s in text for s in ("connect", "unavailable", "deadline", "timeout", "lock", "closed")
+    )
+
+
+class VectorStore:
+    """Collections of catalogue embeddings, an alias, and the searches the service runs.
+
+    Args:
+        uri: A folder for Milvus Lite (``.db`` suffix allowed: its stem names the folder) or
+            ``http://host:19530`` for a Milvus server.
+        token: Server credentials (``user:password`` or an API key); unused by Lite.
+        alias: The alias the service reads from.
+        timeout: Seconds a server call may take before the store is reported unavailable.
+    """
+
+    def __init__(
+        self, uri: str, token: str = "", alias: str = DEFAULT_ALIAS, timeout: float = 10.0
+    ):
+        if not _NAME.match(alias):
+            raise ValueError(f"alias {alias!r} must be letters, digits and underscores")
+        self.uri = str(uri)
+        self.token = token
+        self.alias = alias
+        self.timeout = timeout
+        self.embedded = is_embedded(self.uri)
+        self.folder = Path(self.uri).with_suffix("") if self.embedded else None
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    # --- connections -------------------------------------------------------------------
+
+    def _client(self, collection: str | None = None):
+        """The client for a collection (Lite: its own file) or the server's one client."""
+        from pymilvus import MilvusClient
+
+        key = collection if self.embedded else ""
+        with self._lock:
+            if key not in self._clients:
+                try:
+                    if self.embedded:
+                        if collection is None:
+                            raise StoreError("Milvus Lite needs a collection to open its file")
+                        self.folder.mkdir(parents=True, exist_ok=True)
+                        self._clients[key] = MilvusClient(str(self.folder / f"{collection}.db"))
+                    else:
+                        self._clients[key] = MilvusClient(
+                            self.uri, token=self.token, timeout=self.timeout
+                        )
+                except StoreError:
+                    raise
+                except Exception as err:
+                    raise StoreUnavailable(f"cannot reach Milvus at {self.uri}: {err}") from err
+            return self._clients[key]
+
+    def _call(self, collection: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a client method, turning connection failures into StoreUnavailable."""
+        try:
+            return getattr(self._client(collection), method)(*args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as err:
+            if _unavailable(err):
+                self.forget(collection)
+                raise StoreUnavailable(f"Milvus at {self.uri} is unavailable: {err}") from err
+            raise StoreError(f"Milvus {method} on {collection}: {err}") from err
+
+    def forget(self, collection: str | None = None) -> None:
+        """Drop a cached client so the next call reconnects (after an outage)."""
+        with self._lock:
+            client = self._clients.pop(collection if self.embedded else "", None)
+        if client is not None:
+            with contextlib.suppress(Exception):  # already broken: nothing more to release
+                client.close()
+
+    def close(self) -> None:
+        """Close every client (Lite releases its file locks)."""
+        for key in list(self._clients):
+            self.forget(key or None)
+
+    def ping(self) -> bool:
+        """Whether Milvus answers now (Lite: whether the served collection opens)."""
+        try:
+            target = self.alias_target()
+            if self.embedded:
+                return target is not None and self._call(target, "has_collection", target)
+            self._call(None, "list_collections")
+            return True
+        except StoreError:
+            return False
+
+    # --- collections ------------------------------------------------------------------
+
+    def collections(self) -> list[str]:
+        """Vitrine's collections, oldest first (their names sort by build time)."""
+        if self.embedded:
+            if self.folder is None or not self.folder.is_dir():
+                return []
+            names = [p.stem for p in self.folder.glob(f"{COLLECTION_PREFIX}*.db")]
+        else:
+            names = self._call(None, "list_collections")
+        return sorted(
+            n for n in names if n.startswith(COLLECTION_PREFIX) and not n.endswith("_meta")
+        )
+
+    def create_collection(self, name: str, dim: int) -> None:
+        """An empty collection with the catalogue schema and a dynamic field for extras."""
+        from pymilvus import DataType, MilvusClient
+
+        if not _NAME.match(name) or not name.startswith(COLLECTION_PREFIX):
+            raise ValueError(f"collection name {name!r} must start with {COLLECTION_PREFIX}")
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+        schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=128)
+        schema.add_field("product_id", DataType.VARCHAR, max_length=512)
+        schema.add_field("category", DataType.VARCHAR, max_length=512)
+        schema.add_field("title", DataType.VARCHAR, max_length=4096)
+        schema.add_field("price", DataType.DOUBLE)
+        schema.add_field("image_uri", DataType.VARCHAR, max_length=4096)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+        self._call(name, "create_collection", name, schema=schema)
+        meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        meta.add_field("value", DataType.VARCHAR, max_length=65535)
+        meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+        params = self._client(name).prepare_index_params()
+        params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        self._call(name, "create_collection", f"{name}_meta", schema=meta, index_params=params)
+
+    def insert(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows (``image_id``, catalogue fields, ``embedding``; extras go dynamic)."""
+        if rows:
+            self._call(name, "insert", name, [_clean(row) for row in rows])
+
+    def build_index(self, name: str, config: IndexConfig) -> IndexSpec:
+        """Index the embedding field with the best type the backend accepts, then load."""
+        spec = choose_index(self.embedded, config)
+        try:
+            self._create_index(name, spec)
+        except StoreUnavailable:
+            raise
+        except StoreError as err:
+            if spec.index_type == "HNSW":
+                raise
+            fallback = index_spec(
+                "HNSW", config, f"the server refused {spec.index_type} ({err}); HNSW instead"
+            )
+            log.warning("%s", fallback.reason)
+            self._call(name, "drop_index", name, "embedding")
+            self._create_index(name, fallback)
+            spec = fallback
+        self._call(name, "load_collection", name)
+        log.info("collection %s: %s index (%s)", name, spec.index_type, spec.reason)
+        return spec
+
+    def _create_index(self, name: str, spec: IndexSpec) -> None:
+        params = self._client(name).prepare_index_params()
+        params.add_index(
+            field_name="embedding",
+            index_type=spec.index_type,
+            metric_type=spec.metric_type,
+            params=spec.build_params,
+        )
+        self._call(name, "create_index", name, params)
+
+    def set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        """Record what built the collection (JSON) in its companion collection."""
+        row = {"key": "build", "value": json.dumps(metadata, default=str), "vector": [0.0, 0.0]}
+        self._call(name, "upsert", f"{name}_meta", [row])
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """What :meth:`set_metadata` recorded, with the current row count."""
+        meta_name = f"{name}_meta"
+        self._call(name, "load_collection", meta_name)
+        rows = self._call(
+            name, "query", meta_name, filter='key == "build"', output_fields=["value"]
+        )
+        found = json.loads(rows[0]["value"]) if rows else {}
+        found["collection"] = name
+        found["rows"] = self.count(name)
+        return found
+
+    def count(self, name: str) -> int:
+        rows = self._call(name, "query", name, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def load(self, name: str) -> None:
+        """Load a collection for search (after a restart Milvus needs this)."""
+        self._call(name, "load_collection", name)
+
+    def drop(self, name: str) -> None:
+        """Delete a collection (Lite: its file) and its metadata."""
+        if self.embedded:
+            self.forget(name)
+            for path in self.folder.glob(f"{name}.db*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            return
+        for target in (name, f"{name}_meta"):
+            if self._call(None, "has_collection", target):
+                self._call(None, "drop_collection", target)
+
+    # --- alias ------------------------------------------------------------------------
+
+    def alias_target(self) -> str | None:
+        """The collection the alias points at, or None before the first build."""
+        if self.embedded:
+            pointer = self.folder / f"{self.alias}.alias"
+            return pointer.read_text().strip() if pointer.is_file() else None
+        try:
+            found = self._call(None, "describe_alias", self.alias)
+        except StoreUnavailable:
+            raise
+        except StoreError:
+            return None
+        return found.get("collection_name") if found else None
+
+    def point_alias(self, name: str) -> str | None:
+        """Move the alias to ``name`` atomically; return the collection it pointed at."""
+        previous = self.alias_target()
+        if self.embedded:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            pointer = self.folder / f"{self.alias}.alias"
+            staging = pointer.with_suffix(".alias.tmp")
+            staging.write_text(name + "\n")
+            os.replace(staging, pointer)  # atomic on POSIX: readers see old or new, never half
+        elif previous is None:
+            self._call(None, "create_alias", name, self.alias)
+        else:
+            self._call(None, "alter_alias", name, self.alias)
+        return previous
+
+    # --- rows ----------------------------------------------------------------------------
+
+    def search(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        top_k: int,
+        spec: IndexSpec | None = None,
+        filter: str = "",
+    ) -> list[list[dict[str, Any]]]:
+        """Top-k hits per query vector: ``{"image_id", "score", catalogue fields...}``."""
+        params: dict[str, Any] = {"metric_type": spec.metric_type if spec else "IP"}
+        if spec is not None:
+            params["params"] = spec.search_params
+        found = self._call(
+            name,
+            "search",
+            name,
+            data=np.asarray(vectors, dtype=np.float32).tolist(),
+            limit=top_k,
+            filter=filter,
+            output_fields=OUTPUT_FIELDS,
+            search_params=params,
+        )
+        return [[_hit(hit) for hit in hits] for hits in found]
+
+    def rows_of_product(
+        self, name: str, product_id: str, with_embedding: bool = False
+    ) -> list[dict]:
+        """Every image row of one product."""
+        fields = ["image_id", *OUTPUT_FIELDS] + (["embedding"] if with_embedding else [])
+        return self._call(
+            name,
+            "query",
+            name,
+            filter=f"product_id == {json.dumps(product_id)}",
+            output_fields=fields,
+        )
+
+    def row_by_image(self, name: str, image_id: str) -> dict[str, Any] | None:
+        """One image's row, or None."""
+        rows = self._call(
+            name,
+            "query",
+            name,
+            filter=f"image_id == {json.dumps(image_id)}",
+            output_fields=["image_id", *OUTPUT_FIELDS],
+        )
+        return rows[0] if rows else None
+
+    def upsert(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or replace rows by ``image_id``."""
+        if rows:
+            self._call(name, "upsert", name, [_clean(row) for row in rows])
+
+    def delete_product(self, name: str, product_id: str) -> int:
+        """Remove every image of a product; return how many rows were removed."""
+        present = len(self.rows_of_product(name, product_id))
+        self._call(name, "delete", name, filter=f"product_id == {json.dumps(product_id)}")
+        return present
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    """A row Milvus accepts: vectors as lists, missing catalogue fields as empty values."""
+    out = dict(row)
+    out["embedding"] = np.asarray(out["embedding"], dtype=np.float32).tolist()
+    for name in ("product_id", "category", "title", "image_uri"):
+        out[name] = str(out.get(name) or "")
+    out["price"] = float(out.get("price") or 0.0)
+    return out
+
+
+def _hit(hit: dict[str, Any]) -> dict[str, Any]:
+    entity = dict(hit.get("entity") or {})
+    extras = entity.pop("$meta", None) or {}
+    return {
+        "image_id": hit.get("image_id", hit.get("id")),
+        "score": float(hit["distance"]),
+        **entity,
+        **extras,
+    }
+
+
+def spec_from_dict(raw: dict[str, Any]) -> IndexSpec:
+    """An IndexSpec back from collection metadata."""
+    return IndexSpec(**{k: raw[k] for k in asdict(IndexSpec("", "")) if k in raw})
+
+
+def rows_in_batches(rows: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    """Group rows for bulk inserts."""
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

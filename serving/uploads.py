@@ -1,0 +1,182 @@
+"""Decoding an uploaded query image safely, with one typed error per way it can be refused.
+
+Checks run cheapest first and no pixel is decoded before the header has passed every limit:
+size in bytes, declared content type, what Pillow identifies, format, width x height, shortest
+side; only then are the pixels decoded (catching truncated and corrupt files), EXIF orientation
+applied and the image converted to RGB. :class:`UploadError` carries the HTTP status and a
+machine code, so the service maps it to a response in one exception handler.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# HTTP status answered for each refusal code.
+STATUS_BY_CODE: dict[str, int] = {
+    "empty_upload": 400,
+    "upload_too_large": 413,
+    "unsupported_media_type": 415,
+    "not_an_image": 400,
+    "format_not_allowed": 415,
+    "too_many_pixels": 413,
+    "image_too_small": 400,
+    "corrupt_image": 400,
+}
+
+# MIME types clients send for each Pillow format (the first is the canonical one).
+_MIME_TYPES: dict[str, tuple[str, ...]] = {
+    "JPEG": ("image/jpeg", "image/jpg", "image/pjpeg"),
+    "PNG": ("image/png", "image/x-png", "image/apng"),
+    "WEBP": ("image/webp",),
+    "GIF": ("image/gif",),
+    "BMP": ("image/bmp", "image/x-ms-bmp"),
+    "TIFF": ("image/tiff",),
+    "AVIF": ("image/avif",),
+}
+# Content types that say nothing about the bytes: the bytes decide.
+_UNTYPED = ("", "application/octet-stream")
+# Phone cameras write multi-picture JPEGs, which Pillow names MPO; they are JPEGs to a user.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+# Leading bytes of formats Pillow reads: a file that starts like an image but does not parse
+# is a corrupt image, not a non-image.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What an uploaded query image may be.
+
+    Attributes:
+        max_bytes: Largest upload accepted, in bytes.
+        max_pixels: Largest width x height accepted, checked from the header before decoding.
+        formats: Pillow format names accepted (``"JPEG"`` also covers phones' ``"MPO"``).
+        min_side: Shortest side accepted, in pixels.
+    """
+
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    min_side: int = 16
+
+
+class UploadError(ValueError):
+    """An upload refused as a query image.
+
+    Attributes:
+        code: Machine-readable reason, one of :data:`STATUS_BY_CODE`'s keys, e.g.
+            ``"upload_too_large"``.
+        status: The HTTP status to answer with (400, 413 or 415).
+        message: What went wrong, for people.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = STATUS_BY_CODE[code]
+        self.message = message
+
+
+def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -> Image.Image:
+    """Decode an uploaded image into an upright RGB image, or refuse it.
+
+    CPU-bound (Pillow releases the GIL while decoding): call it in a worker thread from async
+    code.
+
+    Args:
+        data: The uploaded bytes.
+        content_type: The declared MIME type (parameters such as ``; charset=`` are ignored).
+            None, empty or ``application/octet-stream`` let the bytes decide.
+        limits: What an upload may be.
+
+    Returns:
+        The decoded image in mode ``RGB``, rotated by its EXIF orientation.
+
+    Raises:
+        UploadError: With ``code`` ``empty_upload``, ``upload_too_large``,
+            ``unsupported_media_type``, ``not_an_image``, ``format_not_allowed``,
+            ``too_many_pixels``, ``image_too_small`` or ``corrupt_image``.
+    """
+    if not data:
+        raise UploadError("empty_upload", "the upload is empty")
+    if len(data) > limits.max_bytes:
+        raise UploadError(
+            "upload_too_large", f"the upload is {len(data)} bytes; at most {limits.max_bytes}"
+        )
+    _check_content_type(content_type, limits)
+    image = _open_header(data)
+    with image:
+        fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "")
+        width, height = image.size
+        if fmt not in limits.formats:
+            raise UploadError(
+                "format_not_allowed",
+                f"{fmt or 'this'} images are not accepted; send {_names(limits.formats)}",
+            )
+        if width * height > limits.max_pixels:
+            raise UploadError(
+                "too_many_pixels",
+                f"the image is {width}x{height}, over {limits.max_pixels} pixels",
+            )
+        if min(width, height) < limits.min_side:
+            raise UploadError(
+                "image_too_small",
+                f"the image is {width}x{height}; each side must be at least {limits.min_side} px",
+            )
+        try:
+            image.load()
+        except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError...
+            raise UploadError("corrupt_image", f"the {fmt} image does not decode: {err}") from err
+        return _upright_rgb(image)
+
+
+def _check_content_type(content_type: str | None, limits: UploadLimits) -> None:
+    """Refuse a declared type that is not an image type of an allowed format."""
+    declared = (content_type or "").split(";", 1)[0].strip().lower()
+    if declared in _UNTYPED:
+        return
+    allowed = {mime for fmt in limits.formats for mime in _mime_types(fmt)}
+    if not declared.startswith("image/") or declared not in allowed:
+        raise UploadError(
+            "unsupported_media_type",
+            f"content type {declared!r} is not accepted; send {', '.join(sorted(allowed))}",
+        )
+
+
+def _mime_types(fmt: str) -> tuple[str, ...]:
+    """MIME types of a Pillow format, falling back to the one Pillow registers."""
+    if fmt in _MIME_TYPES:
+        return _MIME_TYPES[fmt]
+    Image.init()
+    return (Image.MIME[fmt].lower(),) if fmt in Image.MIME else ()
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Open ``data`` lazily (header only), mapping Pillow's refusals to upload errors."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise UploadError("too_many_pixels", f"the image is too large to decode: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise UploadError("corrupt_image", f"the image header does not parse: {err}") from err
+        raise UploadError("not_an_image", "the upload is not an image Pillow can read") from err
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (ignoring unreadable EXIF) and convert to RGB."""
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception as err:  # malformed EXIF: the pixels are fine, keep them as stored
+        log.debug("ignoring unreadable EXIF orientation: %s: %s", type(err).__name__, err)
+        upright = image
+    return upright.convert("RGB")
+
+
+def _names(formats: tuple[str, ...]) -> str:
+    return ", ".join(formats) if formats else "nothing (no format is allowed)"

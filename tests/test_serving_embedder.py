@@ -1,0 +1,336 @@
+"""The serving model, micro-batching and the query-embedding cache."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.datasets.records import ImageRecord
+from model.embed import embed_records
+from model.package import (
+    ModelConfig,
+    ModelPackageError,
+    build_model,
+    load_package,
+    package_version,
+    save_package,
+)
+from serving.batching import EmbeddingCache, MicroBatcher, digest
+from serving.embedder import Embedder
+from tests.conftest import TINY_BACKBONE
+
+DIM = 24
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model package (random weights, GeM pooling, 24-d projection)."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=TINY_BACKBONE, weights="none", embed_dim=DIM, pooling="gem")
+    directory = tmp_path_factory.mktemp("packages") / "tiny-2024-06-01"
+    return save_package(build_model(config).eval(), config, directory)
+
+
+@pytest.fixture(scope="module")
+def embedder(package: Path) -> Embedder:
+    return Embedder(package)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """JPEG files of assorted sizes and modes (colour, greyscale, portrait, landscape)."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, (width, height) in enumerate([(200, 150), (96, 240), (160, 160), (333, 101)] * 3):
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        pixels[: height // 2, : width // 3] = rng.integers(0, 256, size=3)  # some structure
+        image = Image.fromarray(pixels)
+        if i % 4 == 3:
+            image = image.convert("L")
+        path = root / f"{i}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _open(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+            images.append(image.copy())
+    return images
+
+
+# --- Embedder -------------------------------------------------------------------------------
+
+
+def test_embedder_describes_its_package(embedder: Embedder, package: Path) -> None:
+    assert embedder.package_dir == package
+    assert embedder.version == package_version(package)
+    assert embedder.version.startswith("tiny-2024-06-01-")  # folder name + weights hash
+    assert embedder.dim == DIM
+    assert embedder.data_config["input_size"] == [3, 160, 160]
+
+
+def test_version_changes_with_the_weights(package: Path, tmp_path: Path) -> None:
+    copy = tmp_path / package.name
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((package / name).read_bytes())
+    assert package_version(copy) == package_version(package)
+    with (copy / "model.safetensors").open("ab") as handle:
+        handle.write(b" ")
+    assert package_version(copy) != package_version(package)
+
+
+def test_embedder_matches_batch_embedding_of_the_catalogue(
+    embedder: Embedder, package: Path, photos: list[Path]
+) -> None:
+    """A query image lands exactly where the indexer put the same image."""
+    model, config = load_package(package)
+    records = [ImageRecord(path, label=i, class_key=str(i)) for i, path in enumerate(photos)]
+    indexed = embed_records(model, records, config.data, batch_size=5, progress=False)
+    assert indexed.skipped.size == 0
+
+    served = embedder.embed_images(_open(photos))
+    assert served.dtype == np.float32 and served.shape == (len(photos), DIM)
+    np.testing.assert_allclose(served, indexed.vectors, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    assert np.abs(served[0] - served[1]).max() > 1e-3  # the images give different vectors
+
+    one_by_one = np.concatenate([embedder.embed_images([image]) for image in _open(photos[:3])])
+    np.testing.assert_allclose(one_by_one, served[:3], atol=1e-5)
+
+
+def test_embedder_edge_cases(embedder: Embedder) -> None:
+    assert embedder.embed_images([]).shape == (0, DIM)
+    rgba = Image.new("RGBA", (50, 30), (10, 200, 30, 128))
+    assert embedder.embed_images([rgba]).shape == (1, DIM)
+    embedder.warm_up(batch_sizes=(1, 3))
+
+
+def test_embedder_sets_threads(package: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        Embedder(package, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_package_raises_model_package_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelPackageError, match=r"no config\.json"):
+        Embedder(tmp_path)
+
+
+# --- MicroBatcher ---------------------------------------------------------------------------
+
+
+def test_micro_batcher_batches_concurrent_requests(embedder: Embedder, photos: list[Path]) -> None:
+    images = _open(photos) + _open(photos)[:8]  # 20 requests
+    calls: list[int] = []
+    reported: list[tuple[int, float]] = []
+
+    def embed_fn(batch: list[Image.Image]) -> np.ndarray:
+        calls.append(len(batch))
+        return embedder.embed_images(batch)
+
+    async def main() -> list[np.ndarray]:
+        batcher = MicroBatcher(
+            embed_fn, max_batch=8, max_wait_ms=20, on_batch=lambda n, s: reported.append((n, s))
+        )
+        try:
+            return await asyncio.gather(*(batcher.embed(image) for image in images))
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(main())
+    assert len(calls) < len(images) and max(calls) <= 8 and sum(calls) == len(images)
+    assert [n for n, _ in reported] == calls and all(s >= 0 for _, s in reported)
+    alone = np.concatenate([embedder.embed_images([image]) for image in images])
+    np.testing.assert_allclose(np.stack(results), alone, atol=1e-5)
+
+
+def _identity_embed(batch: list[float]) -> np.ndarray:
+    return np.array([[value, 1.0] for value in batch], dtype=np.float32)
+
+
+def test_max_wait_bounds_the_latency_of_a_lone_request() -> None:
+    async def main(max_wait_ms: float) -> float:
+        batcher = MicroBatcher(_identity_embed, max_batch=8, max_wait_ms=max_wait_ms)
+        await batcher.start()
+        start = time.perf_counter()
+        row = await batcher.embed(3.0)
+        elapsed = time.perf_counter() - start
+        await batcher.close()
+        assert row.tolist() == [3.0, 1.0]
+        return elapsed
+
+    waited = asyncio.run(main(60))
+    assert 0.05 <= waited < 1.0  # it waited for company, but not much longer than max_wait
+    assert asyncio.run(main(0)) < 0.5
+
+
+def test_a_full_batch_does_not_wait() -> None:
+    async def main() -> float:
+        batcher = MicroBatcher(_identity_embed, max_batch=4, max_wait_ms=10_000)
+        start = time.perf_counter()
+        rows = await asyncio.gather(*(batcher.embed(float(i)) for i in range(4)))
+        await batcher.close()
+        assert [row[0] for row in rows] == [0.0, 1.0, 2.0, 3.0]
+        return time.perf_counter() - start
+
+    assert asyncio.run(main()) < 2.0
+
+
+def test_an_embedding_error_reaches_every_caller_of_the_batch() -> None:
+    failing = True
+
+    def embed_fn(batch: list[float]) -> np.ndarray:
+        if failing:
+            raise ValueError("model exploded")
+        return _identity_embed(batch)
+
+    async def main() -> None:
+        nonlocal failing
+        batcher = MicroBatcher(embed_fn, max_batch=8, max_wait_ms=20)
+        results = await asyncio.gather(
+            *(batcher.embed(float(i)) for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, ValueError) and "exploded" in str(r) for r in results)
+        failing = False  # the batcher keeps serving after a failed batch
+        assert (await batcher.embed(7.0)).tolist() == [7.0, 1.0]
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_row_count_is_an_error_for_the_batch() -> None:
+    async def main() -> None:
+        batcher = MicroBatcher(lambda batch: np.zeros((1, 2)), max_batch=4, max_wait_ms=20)
+        results = await asyncio.gather(
+            *(batcher.embed(float(i)) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RuntimeError) and "3 images" in str(r) for r in results)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_close_finishes_the_batch_in_flight_and_fails_the_queued_ones() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_embed(batch: list[float]) -> np.ndarray:
+        entered.set()
+        release.wait(5)
+        return _identity_embed(batch)
+
+    async def main() -> None:
+        batcher = MicroBatcher(slow_embed, max_batch=2, max_wait_ms=0)
+        in_flight = asyncio.create_task(batcher.embed(1.0))
+        await asyncio.to_thread(entered.wait, 5)
+        queued = [asyncio.create_task(batcher.embed(float(i))) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 3
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.01)
+        release.set()
+        await closing
+        assert (await in_flight).tolist() == [1.0, 1.0]
+        for task in queued:
+            with pytest.raises(RuntimeError, match="closed"):
+                await task
+        with pytest.raises(RuntimeError, match="closed"):
+            await batcher.embed(5.0)
+        await batcher.close()  # twice is fine
+
+    asyncio.run(main())
+
+
+def test_cancelled_callers_are_left_out_of_the_batch() -> None:
+    seen: list[float] = []
+
+    def embed_fn(batch: list[float]) -> np.ndarray:
+        seen.extend(batch)
+        return _identity_embed(batch)
+
+    async def main() -> None:
+        batcher = MicroBatcher(embed_fn, max_batch=8, max_wait_ms=50)
+        gone = asyncio.create_task(batcher.embed(1.0))
+        kept = asyncio.create_task(batcher.embed(2.0))
+        await asyncio.sleep(0.005)
+        gone.cancel()
+        assert (await kept).tolist() == [2.0, 1.0]
+        await batcher.close()
+
+    asyncio.run(main())
+    assert seen == [2.0]
+
+
+def test_a_failing_metrics_callback_does_not_break_serving() -> None:
+    def on_batch(size: int, seconds: float) -> None:
+        raise RuntimeError("metrics down")
+
+    async def main() -> None:
+        batcher = MicroBatcher(_identity_embed, max_wait_ms=0, on_batch=on_batch)
+        assert (await batcher.embed(4.0)).tolist() == [4.0, 1.0]
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+# --- EmbeddingCache -------------------------------------------------------------------------
+
+
+def test_cache_evicts_the_least_recently_used_and_counts() -> None:
+    cache = EmbeddingCache(maxsize=2)
+    a, b, c = (np.full(3, v, np.float32) for v in (1, 2, 3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is not None  # "a" is now more recent than "b"
+    cache.put("c", c)
+    assert cache.get("b") is None
+    np.testing.assert_array_equal(cache.get("a"), a)
+    np.testing.assert_array_equal(cache.get("c"), c)
+    assert (cache.hits, cache.misses, len(cache)) == (3, 1, 2)
+
+    a[:] = 9  # the cache holds its own read-only copy
+    stored = cache.get("a")
+    assert stored is not None and stored[0] == 1 and not stored.flags.writeable
+    cache.clear()
+    assert len(cache) == 0 and cache.get("a") is None
+
+
+def test_cache_of_size_zero_is_disabled() -> None:
+    cache = EmbeddingCache(maxsize=0)
+    cache.put("a", np.ones(2))
+    assert cache.get("a") is None and len(cache) == 0 and cache.misses == 1
+
+
+def test_cache_keys_are_sha256_digests_and_it_is_thread_safe() -> None:
+    data = b"\xff\xd8\xff query bytes"
+    assert digest(data) == hashlib.sha256(data).hexdigest()
+    cache = EmbeddingCache(maxsize=50)
+
+    def work(seed: int) -> None:
+        for i in range(2000):
+            key = str((seed * 7 + i) % 80)
+            if cache.get(key) is None:
+                cache.put(key, np.full(2, float(key)))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.hits + cache.misses == 8 * 2000 and len(cache) == 50
