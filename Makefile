@@ -4,8 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 export DVC_NO_ANALYTICS := 1
+# Keep bytecode caches: the suite starts many Python processes that import torch, timm and
+# Great Expectations, and recompiling them from source costs seconds each time.
+unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test test-fast lint format bench grocery-losses clean
+.PHONY: setup system-deps demo serve test test-fast lint format bench grocery-losses clean
 
 setup: $(VENV)/.installed
 
@@ -15,12 +18,29 @@ $(VENV)/.installed: pyproject.toml
 	$(UV) pip install --quiet --python $(BIN)/python -e '.[dev]'
 	@touch $@
 
+## Debian packages the browser test (chromium, chromium-driver) and the monitoring tests
+## (prometheus, promtool) use. Installed with apt-get when missing and run as root; elsewhere
+## their tests skip and say why.
+SYSTEM_PACKAGES := chromium chromium-driver prometheus
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	    && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: $(SYSTEM_PACKAGES) missing and apt-get unavailable: their tests will skip"; fi
+
 ## The main job on embedded defaults (demo catalogue -> fine-tune -> evaluate, CPU).
 demo: setup
 	$(BIN)/vitrine demo
 
+## The search service and its page on http://127.0.0.1:8000 (after `make demo` built an index).
+serve: setup
+	$(BIN)/vitrine serve
+
 ## Lint, format check and the whole test suite (slow tests included, GPU tests excluded).
-test: setup lint
+test: setup system-deps lint
 	$(BIN)/pytest
 
 ## The fast subset: no real-data or long training tests.
@@ -41,6 +61,8 @@ bench: setup
 	$(BIN)/python bench/bench_recall.py
 	$(BIN)/python bench/bench_allocator.py
 	$(BIN)/python bench/bench_validate.py
+	$(BIN)/python bench/bench_index.py
+	$(BIN)/python bench/bench_service.py
 
 ## The README's loss table on the shared Grocery photos (about an hour on 2 CPU cores).
 grocery-losses: setup

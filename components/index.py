@@ -25,6 +25,8 @@ from serving.store import (
     DEFAULT_ALIAS,
     IndexConfig,
     IndexSpec,
+    StoreError,
+    StoreUnavailable,
     VectorStore,
     rows_in_batches,
 )
@@ -287,16 +289,34 @@ def build_index(
     return summary
 
 
+def _finished(store: VectorStore, name: str) -> bool:
+    """Whether a build recorded its metadata in ``name`` (a killed build never does)."""
+    try:
+        return bool(store.recorded(name).get("model_version"))
+    except StoreUnavailable:  # held by another process (Lite file lock): assume it is whole
+        return True
+    except StoreError:  # no companion collection: the build died before creating it
+        return False
+
+
 def cleanup_collections(store: VectorStore, keep: int) -> list[str]:
-    """Drop collections older than the served one beyond the ``keep`` newest of them, and
-    half-built orphans (newer than the served one: a build that was killed)."""
+    """Drop collections older than the served one beyond the ``keep`` newest finished ones,
+    and half-built orphans: collections newer than the served one, and older ones that never
+    recorded their build metadata (a build that was killed before a later one succeeded)."""
     served = store.alias_target()
     names = store.collections()
     if served not in names:
         return []
     position = names.index(served)
     older, newer = names[:position], names[position + 1 :]
-    doomed = older[: max(0, len(older) - keep)] + newer
+    doomed = list(newer)
+    kept = 0
+    for name in reversed(older):  # newest first
+        if kept < keep and _finished(store, name):
+            kept += 1
+        else:
+            doomed.append(name)
+    doomed.sort()  # oldest first
     for name in doomed:
         store.drop(name)
     return doomed
@@ -314,12 +334,13 @@ def rollback_index(config: IndexBuildConfig | None = None) -> dict[str, Any]:
         served = store.alias_target()
         names = store.collections()
         older = [n for n in names if served is None or n < served]
-        if not older:
+        # The newest older collection whose build finished (skip a killed build's leftovers).
+        target = next((n for n in reversed(older) if _finished(store, n)), None)
+        if target is None:
             raise RuntimeError(
                 f"nothing to roll back to: alias {config.alias} serves {served} and no older "
-                f"collection is kept in {config.uri}"
+                f"finished collection is kept in {config.uri}"
             )
-        target = older[-1]
         store.load(target)
         store.point_alias(target)
         return {

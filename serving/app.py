@@ -16,6 +16,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import error_body, install_error_handlers
 from serving.metrics import ServiceMetrics
@@ -27,6 +30,46 @@ from serving.store import VectorStore
 log = logging.getLogger(__name__)
 # Room for the multipart envelope and form fields around the image itself.
 ENVELOPE_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, declared or not.
+
+    A declared ``Content-Length`` over the limit is answered before a byte is read. A body
+    without one (chunked) is counted as it arrives and refused once it passes the limit:
+    otherwise the multipart parser would spool a file part of any size to disk before the
+    route could look at it.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, on_refuse) -> None:
+        self.app = app
+        self.limit = limit
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is over {self.limit} bytes"
+        length = Headers(scope=scope).get("content-length")
+        if length and length.isdigit() and int(length) > self.limit:
+            self.on_refuse()
+            response = JSONResponse(error_body("upload_too_large", message), status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:
+                    # Raised inside the route's body parsing; the error handlers answer it.
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 async def _load_until_ready(app: FastAPI) -> None:
@@ -59,9 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.alias)
         metrics: ServiceMetrics = app.state.metrics
         app.state.store = store
-        app.state.holder = PairHolder(
-            store, settings, on_batch=lambda size, _s: metrics.batch_size.observe(size)
-        )
+        app.state.holder = PairHolder(store, settings, on_batch=metrics.observe_batch)
         loader = asyncio.create_task(_load_until_ready(app))
         try:
             yield
@@ -81,21 +122,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app, lambda kind: app.state.metrics.errors.labels(kind).inc())
 
+    # Added first, so it runs inside the measuring middleware: refusals are counted too.
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_upload_bytes + ENVELOPE_BYTES,
+        on_refuse=lambda: app.state.metrics.errors.labels("upload_too_large").inc(),
+    )
+
     @app.middleware("http")
-    async def limit_and_measure(request: Request, call_next):
+    async def measure(request: Request, call_next):
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + ENVELOPE_BYTES:
-            app.state.metrics.errors.labels("upload_too_large").inc()
-            response = JSONResponse(
-                error_body(
-                    "upload_too_large",
-                    f"the request body is over {settings.max_upload_bytes} bytes",
-                ),
-                status_code=413,
-            )
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics = app.state.metrics

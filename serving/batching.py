@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import threading
@@ -71,6 +72,9 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # The model's own thread: forwards never queue behind decodes and searches, which
+        # share the event loop's default executor.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed")
 
     @property
     def queue_depth(self) -> int:
@@ -123,6 +127,7 @@ class MicroBatcher:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_pending()
+        self._executor.shutdown(wait=False)
 
     def _ensure_running(self) -> None:
         if self._closed:
@@ -173,7 +178,9 @@ class MicroBatcher:
         """Run ``embed_fn`` on one batch in a worker thread and resolve its futures."""
         start = time.perf_counter()
         try:
-            vectors = await asyncio.to_thread(self.embed_fn, [r.image for r in batch])
+            images = [r.image for r in batch]
+            loop = asyncio.get_running_loop()
+            vectors = await loop.run_in_executor(self._executor, self.embed_fn, images)
             if len(vectors) != len(batch):
                 raise RuntimeError(
                     f"embed_fn returned {len(vectors)} rows for a batch of {len(batch)} images"

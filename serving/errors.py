@@ -81,7 +81,9 @@ def install_error_handlers(app: FastAPI, count_error) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}.get(
+            err.status_code, "http_error"
+        )
         count_error(code)
         return JSONResponse(
             error_body(code, str(err.detail)), status_code=err.status_code, headers=err.headers

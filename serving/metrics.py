@@ -36,6 +36,12 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.forward = Histogram(
+            "vitrine_embed_forward_seconds",
+            "Seconds per forward pass of one micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter("vitrine_errors", "Errors by kind", ["kind"], registry=r)
         self.serving = Gauge(
             "vitrine_serving_info",
@@ -51,6 +57,10 @@ class ServiceMetrics:
         )
         self.ready = Gauge("vitrine_ready", "1 when the service can answer searches", registry=r)
         self.rollouts = Counter("vitrine_rollouts", "Rollouts by outcome", ["outcome"], registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.forward.observe(seconds)
 
     def set_serving(self, model_version: str, collection: str, index_type: str, rows: int) -> None:
         self.serving.clear()

@@ -60,6 +60,10 @@ class PairHolder:
         self.current: ServingPair | None = None
         self.last_error: str = ""
         self._rollout_lock = asyncio.Lock()
+        # Replaced pairs still draining, and the tasks retiring them (held so that they are
+        # not garbage-collected mid-way).
+        self._draining: list[ServingPair] = []
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[ServingPair]:
@@ -122,19 +126,33 @@ class PairHolder:
             new = await self.load(collection)
             old, self.current = self.current, new
             self.last_error = ""
+            if old is not None:
+                self._draining.append(old)
             log.info("serving %s on %s", new.model_version, new.collection)
         if old is not None:
-            asyncio.get_running_loop().create_task(self._retire(old))
+            task = asyncio.get_running_loop().create_task(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         return new, old
 
     async def _retire(self, old: ServingPair) -> None:
         if old.in_flight:
             await old.drained.wait()
         await old.batcher.close()
-        if self.current is None or self.current.collection != old.collection:
-            await asyncio.to_thread(self.store.forget, old.collection)
+        # Release the collection's client only when no pair answers from it and no rollout is
+        # loading it: after A -> B -> A, the first A's retirement must not close the client
+        # the second A uses.
+        async with self._rollout_lock:
+            self._draining = [pair for pair in self._draining if pair is not old]
+            live = [self.current, *self._draining]
+            if not any(pair is not None and pair.collection == old.collection for pair in live):
+                await asyncio.to_thread(self.store.forget, old.collection)
 
     async def close(self) -> None:
-        if self.current is not None:
-            await self.current.batcher.close()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for pair in [self.current, *self._draining]:
+            if pair is not None:
+                await pair.batcher.close()
         await asyncio.to_thread(self.store.close)

@@ -115,8 +115,8 @@ async def search_by_image(
     image: Annotated[UploadFile, File(description="the query photo (JPEG, PNG or WEBP)")],
     top_k: Annotated[int | None, Form()] = None,
     category: Annotated[str | None, Form()] = None,
-    price_min: Annotated[float | None, Form()] = None,
-    price_max: Annotated[float | None, Form()] = None,
+    price_min: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+    price_max: Annotated[float | None, Form(allow_inf_nan=False)] = None,
 ) -> dict:
     """Products that look like the uploaded photo."""
     started = time.perf_counter()
@@ -141,8 +141,8 @@ async def search_by_product(
     metrics: MetricsDep,
     top_k: Annotated[int | None, Query()] = None,
     category: Annotated[str | None, Query()] = None,
-    price_min: Annotated[float | None, Query()] = None,
-    price_max: Annotated[float | None, Query()] = None,
+    price_min: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    price_max: Annotated[float | None, Query(allow_inf_nan=False)] = None,
 ) -> dict:
     """Other products that look like this one (its first photo is the query)."""
     started = time.perf_counter()
@@ -195,7 +195,24 @@ async def catalogue_image(image_id: str, holder: HolderDep, store: StoreDep) -> 
     path = Path(str(row.get("image_uri", "")).removeprefix("file://"))
     if not path.is_file():
         raise ApiError(404, "image_gone", f"image {image_id!r} is no longer on disk")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+    # The bytes decide the type: photos added through the admin API are stored as ``.img``.
+    media_type = await asyncio.to_thread(_sniff_image_type, path)
+    return FileResponse(
+        path, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
+    )
+
+
+def _sniff_image_type(path: Path) -> str | None:
+    """The MIME type of an image file from its first bytes (None: let the suffix decide)."""
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 @router.get("/v1/info", tags=["service"])
@@ -216,7 +233,7 @@ async def add_product(
     product_id: Annotated[str, Form(min_length=1, max_length=128)],
     category: Annotated[str, Form(min_length=1, max_length=512)],
     title: Annotated[str, Form(min_length=1, max_length=500)],
-    price: Annotated[float, Form(ge=0)],
+    price: Annotated[float, Form(ge=0, allow_inf_nan=False)],
 ) -> dict:
     """Add (or replace) one photo of a product in the live collection; searchable at once."""
     data = await _read_upload(image, settings)
@@ -254,15 +271,25 @@ async def remove_product(product_id: str, _: AdminDep, holder: HolderDep, store:
 
 @router.post("/v1/admin/rollout", tags=["admin"])
 async def rollout(
-    _: AdminDep, holder: HolderDep, metrics: MetricsDep, body: RolloutRequest | None = None
+    _: AdminDep,
+    holder: HolderDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+    body: RolloutRequest | None = None,
 ) -> dict:
     """Serve the collection the alias points at (or the one named) with the model that built
     it: load and warm the model, then switch model and collection together."""
     from model.package import ModelPackageError
 
     previous = holder.current.describe() if holder.current else None
+    wanted = body.collection if body else None
+    # Only a collection the store lists: any other name would make Milvus Lite create an
+    # empty database for it (and a name is a path there).
+    if wanted is not None and wanted not in await asyncio.to_thread(store.collections):
+        metrics.rollouts.labels("refused").inc()
+        raise ApiError(404, "unknown_collection", f"no collection {wanted!r} to roll out")
     try:
-        new, _old = await holder.rollout(body.collection if body else None)
+        new, _old = await holder.rollout(wanted)
     except (LookupError, ModelPackageError, ValueError) as err:
         metrics.rollouts.labels("refused").inc()
         raise ApiError(409, "rollout_refused", f"{err}; still serving the previous pair") from err
@@ -283,7 +310,7 @@ async def healthz() -> dict:
 async def readyz(holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> JSONResponse:
     """Ready when a model and collection are loaded and Milvus answers."""
     pair = holder.current
-    reachable = await asyncio.to_thread(store.ping) if pair is not None else False
+    reachable = await asyncio.to_thread(store.ping, pair.collection) if pair is not None else False
     ready = pair is not None and reachable
     metrics.ready.set(1 if ready else 0)
     body: dict[str, Any] = {"ready": ready}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import numpy as np
 
 from serving.pair import ServingPair
-from serving.store import VectorStore
+from serving.store import VectorStore, quote
 
 # Hits fetched per product asked for: a product has several photos, results are per product.
 HITS_PER_RESULT = 8
@@ -23,16 +22,16 @@ def milvus_filter(
     price_max: float | None = None,
     exclude_product: str | None = None,
 ) -> str:
-    """A Milvus boolean expression for the catalogue filters (strings quoted as JSON)."""
+    """A Milvus boolean expression for the catalogue filters."""
     parts = []
     if category:
-        parts.append(f"category == {json.dumps(category)}")
+        parts.append(f"category == {quote(category)}")
     if price_min is not None:
         parts.append(f"price >= {float(price_min)!r}")
     if price_max is not None:
         parts.append(f"price <= {float(price_max)!r}")
     if exclude_product:
-        parts.append(f"product_id != {json.dumps(exclude_product)}")
+        parts.append(f"product_id != {quote(exclude_product)}")
     return " and ".join(parts)
 
 

@@ -25,7 +25,12 @@ class Settings(BaseSettings):
     device: str = "cpu"
     threads: int | None = Field(default=None, description="torch threads; None: torch's default")
     max_batch: int = Field(default=16, ge=1, description="requests embedded in one forward pass")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="wait for a batch to fill")
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="extra wait for a batch to fill; 0: greedy, a batch is what queued while "
+        "the previous forward ran (no added latency for a lone request)",
+    )
     cache_size: int = Field(default=1024, ge=0, description="recent query embeddings kept")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_upload_pixels: int = Field(default=40_000_000, ge=1)

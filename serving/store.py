@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,22 @@ LITE_INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "FLAT", "AUTOINDEX
 SCHEMA_FIELDS = ("image_id", "product_id", "category", "title", "price", "image_uri")
 OUTPUT_FIELDS = ["product_id", "category", "title", "price", "image_uri", "$meta"]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+
+# pymilvus starts one in-process Milvus Lite server per ``.db`` path and never stops it: closing
+# a client keeps the file lock (and the data open) until the process exits. Count the clients
+# this process opened on each path and stop its server when the last one is closed, so that
+# ``forget``/``close`` really release the file for another process (the index step, a rollback).
+_LITE_LOCK = threading.Lock()
+_LITE_OPEN: dict[str, int] = {}
+# Lite builds an index inside load_collection. pymilvus' default wait after create_index asks
+# for a timestamp Lite does not implement (an error logged by its server), then sleeps 0.5 s.
+_NO_WAIT = {"sync": False}
+# Server calls that move or index data and may legitimately take long.
+_SLOW_CALLS = frozenset(
+    {"insert", "flush", "create_index", "drop_index", "load_collection", "create_collection"}
+)
+# Server answers that mean "not yet" rather than "broken": the service answers 503 and retries.
+_NOT_YET = ("not loaded", "collection not loaded", "loading")
 
 
 class StoreError(RuntimeError):
@@ -60,6 +77,10 @@ class IndexConfig:
         hnsw_ef: HNSW search-time candidate list.
         ivf_nlist: IVF clusters.
         ivf_nprobe: IVF clusters searched.
+        build_timeout_s: A server's index build may take this long before it counts as failed.
+        build_stall_s: A first-choice index (DiskANN) whose build has indexed no row after this
+            long counts as refused, and HNSW is built instead (a server without DiskANN
+            accepts the request and then retries the failing build for ever).
     """
 
     index_type: str = "auto"
@@ -70,6 +91,8 @@ class IndexConfig:
     hnsw_ef: int = 96
     ivf_nlist: int = 128
     ivf_nprobe: int = 16
+    build_timeout_s: int = 3600
+    build_stall_s: int = 120
 
 
 @dataclass(frozen=True)
@@ -147,9 +170,11 @@ class VectorStore:
         self.token = token
         self.alias = alias
         self.timeout = timeout
+        self.build_timeout = 3600  # raised to IndexConfig.build_timeout_s by build_index
         self.embedded = is_embedded(self.uri)
         self.folder = Path(self.uri).with_suffix("") if self.embedded else None
         self._clients: dict[str, Any] = {}
+        self._lite_paths: dict[str, str] = {}  # collection -> the .db path its client holds
         self._lock = threading.RLock()
 
     # --- connections -------------------------------------------------------------------
@@ -166,7 +191,11 @@ class VectorStore:
                         if collection is None:
                             raise StoreError("Milvus Lite needs a collection to open its file")
                         self.folder.mkdir(parents=True, exist_ok=True)
-                        self._clients[key] = MilvusClient(str(self.folder / f"{collection}.db"))
+                        path = os.path.abspath(self.folder / f"{collection}.db")
+                        with _LITE_LOCK:
+                            self._clients[key] = MilvusClient(path)
+                            _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
+                        self._lite_paths[key] = path
                     else:
                         self._clients[key] = MilvusClient(
                             self.uri, token=self.token, timeout=self.timeout
@@ -178,7 +207,15 @@ class VectorStore:
             return self._clients[key]
 
     def _call(self, collection: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a client method, turning connection failures into StoreUnavailable."""
+        """Call a client method, turning connection failures into StoreUnavailable.
+
+        On a server every call gets a deadline (the client's own timeout bounds only the
+        connection): ``timeout`` for what answers a request, ``build_timeout`` for calls that
+        move or index data. A frozen server then costs a request seconds, not minutes.
+        """
+        if not self.embedded:
+            limit = self.build_timeout if method in _SLOW_CALLS else self.timeout
+            kwargs.setdefault("timeout", limit)
         try:
             return getattr(self._client(collection), method)(*args, **kwargs)
         except StoreError:
@@ -187,29 +224,46 @@ class VectorStore:
             if _unavailable(err):
                 self.forget(collection)
                 raise StoreUnavailable(f"Milvus at {self.uri} is unavailable: {err}") from err
+            if any(marker in str(err).lower() for marker in _NOT_YET):
+                raise StoreUnavailable(f"Milvus at {self.uri} is not ready yet: {err}") from err
             raise StoreError(f"Milvus {method} on {collection}: {err}") from err
 
     def forget(self, collection: str | None = None) -> None:
-        """Drop a cached client so the next call reconnects (after an outage)."""
+        """Drop a cached client so the next call reconnects (after an outage).
+
+        Lite: once no client of this process holds the collection's file any more, its
+        in-process server is stopped, which releases the file lock.
+        """
+        key = collection if self.embedded else ""
         with self._lock:
-            client = self._clients.pop(collection if self.embedded else "", None)
+            client = self._clients.pop(key, None)
+            path = self._lite_paths.pop(key, None)
         if client is not None:
             with contextlib.suppress(Exception):  # already broken: nothing more to release
                 client.close()
+        if path is not None:
+            _release_lite(path)
 
     def close(self) -> None:
         """Close every client (Lite releases its file locks)."""
-        for key in list(self._clients):
+        with self._lock:
+            keys = list(self._clients)
+        for key in keys:
             self.forget(key or None)
 
-    def ping(self) -> bool:
-        """Whether Milvus answers now (Lite: whether the served collection opens)."""
+    def ping(self, collection: str | None = None) -> bool:
+        """Whether Milvus answers now: ``collection`` (default: the alias target) is there."""
         try:
-            target = self.alias_target()
+            target = collection or self.alias_target()
             if self.embedded:
                 return target is not None and self._call(target, "has_collection", target)
-            self._call(None, "list_collections")
-            return True
+            if target is None:
+                self._call(None, "list_collections")
+                return True
+            # After a server restart the collection answers searches only once it is loaded
+            # again (Milvus reloads it itself, in tens of seconds).
+            state = self._call(None, "get_load_state", target)
+            return "loaded" in str(state.get("state", "")).lower().split(".")[-1]
         except StoreError:
             return False
 
@@ -241,14 +295,30 @@ class VectorStore:
         schema.add_field("price", DataType.DOUBLE)
         schema.add_field("image_uri", DataType.VARCHAR, max_length=4096)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-        self._call(name, "create_collection", name, schema=schema)
+        # Strong: what the index step and the admin API write, the next read sees (a server's
+        # default, Bounded, may miss a write for a moment; Lite ignores the setting).
+        self._call(name, "create_collection", name, schema=schema, consistency_level="Strong")
         meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
         meta.add_field("value", DataType.VARCHAR, max_length=65535)
         meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
         params = self._client(name).prepare_index_params()
         params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-        self._call(name, "create_collection", f"{name}_meta", schema=meta, index_params=params)
+        if self.embedded:  # create_collection(index_params=...) would wait on the index
+            self._call(
+                name, "create_collection", f"{name}_meta", schema=meta, consistency_level="Strong"
+            )
+            self._call(name, "create_index", f"{name}_meta", params, **_NO_WAIT)
+            self._call(name, "load_collection", f"{name}_meta")
+        else:
+            self._call(
+                name,
+                "create_collection",
+                f"{name}_meta",
+                schema=meta,
+                index_params=params,
+                consistency_level="Strong",
+            )
 
     def insert(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
         """Insert rows (``image_id``, catalogue fields, ``embedding``; extras go dynamic)."""
@@ -258,8 +328,13 @@ class VectorStore:
     def build_index(self, name: str, config: IndexConfig) -> IndexSpec:
         """Index the embedding field with the best type the backend accepts, then load."""
         spec = choose_index(self.embedded, config)
+        # Seal what was inserted first. Milvus Lite 3 keeps rows in its in-memory table (up to
+        # 128 MiB) and searches them by brute force: without a flush the index would not hold
+        # them, and verifying ANN against exact search would compare exact with exact.
+        self._call(name, "flush", name)
+        self.build_timeout = int(config.build_timeout_s)
         try:
-            self._create_index(name, spec)
+            self._create_index(name, spec, stall_s=config.build_stall_s)
         except StoreUnavailable:
             raise
         except StoreError as err:
@@ -270,35 +345,75 @@ class VectorStore:
             )
             log.warning("%s", fallback.reason)
             self._call(name, "drop_index", name, "embedding")
-            self._create_index(name, fallback)
+            self._create_index(name, fallback)  # the fallback gets the full build timeout
             spec = fallback
         self._call(name, "load_collection", name)
         log.info("collection %s: %s index (%s)", name, spec.index_type, spec.reason)
         return spec
 
-    def _create_index(self, name: str, spec: IndexSpec) -> None:
+    def _create_index(self, name: str, spec: IndexSpec, stall_s: float | None = None) -> None:
         params = self._client(name).prepare_index_params()
+        # pymilvus 3 sends each build parameter as its own key, which a server reads; Milvus
+        # Lite 3 reads them only from one JSON "params" entry and silently uses its defaults
+        # otherwise (HNSW M/efConstruction, IVF nlist would all be ignored).
+        build = {"params": spec.build_params} if self.embedded else spec.build_params
         params.add_index(
             field_name="embedding",
             index_type=spec.index_type,
             metric_type=spec.metric_type,
-            params=spec.build_params,
+            params=build,
         )
-        self._call(name, "create_index", name, params)
+        self._call(name, "create_index", name, params, **_NO_WAIT)
+        if not self.embedded:  # Lite builds when the collection is loaded
+            self._wait_for_index(name, stall_s)
+
+    def _wait_for_index(self, name: str, stall_s: float | None) -> None:
+        """Poll a server's build until every row is indexed; raise StoreError when it fails,
+        makes no progress for ``stall_s`` (None: no such limit), or outlasts the build timeout.
+        """
+        started = time.monotonic()
+        while True:
+            info = self._call(name, "describe_index", name, "embedding") or {}
+            state = str(info.get("state", ""))
+            reason = str(info.get("index_state_fail_reason") or "")
+            total, indexed = int(info.get("total_rows", 0)), int(info.get("indexed_rows", 0))
+            pending = int(info.get("pending_index_rows", 0))
+            if reason or state.lower() == "failed":
+                raise StoreError(f"the index build failed: {reason or state}")
+            if state.lower() == "finished" and pending == 0:
+                return
+            waited = time.monotonic() - started
+            if stall_s is not None and indexed == 0 and total > 0 and waited > stall_s:
+                raise StoreError(
+                    f"the build indexed none of {total} rows in {waited:.0f} s (state {state})"
+                )
+            if waited > self.build_timeout:
+                raise StoreError(
+                    f"the build had indexed {indexed} of {total} rows after {waited:.0f} s"
+                )
+            time.sleep(1.0)
 
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
         """Record what built the collection (JSON) in its companion collection."""
         row = {"key": "build", "value": json.dumps(metadata, default=str), "vector": [0.0, 0.0]}
         self._call(name, "upsert", f"{name}_meta", [row])
 
-    def metadata(self, name: str) -> dict[str, Any]:
-        """What :meth:`set_metadata` recorded, with the current row count."""
+    def recorded(self, name: str) -> dict[str, Any]:
+        """What :meth:`set_metadata` recorded, or ``{}`` (a build that never finished).
+
+        Unlike :meth:`metadata` this reads only the companion collection, so it works on a
+        collection that is not loaded.
+        """
         meta_name = f"{name}_meta"
         self._call(name, "load_collection", meta_name)
         rows = self._call(
             name, "query", meta_name, filter='key == "build"', output_fields=["value"]
         )
-        found = json.loads(rows[0]["value"]) if rows else {}
+        return json.loads(rows[0]["value"]) if rows else {}
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """What :meth:`set_metadata` recorded, with the current row count."""
+        found = self.recorded(name)
         found["collection"] = name
         found["rows"] = self.count(name)
         return found
@@ -315,6 +430,9 @@ class VectorStore:
         """Delete a collection (Lite: its file) and its metadata."""
         if self.embedded:
             self.forget(name)
+            # Stop the file's server even if another store of this process still has it open:
+            # its files are about to go, and nothing may keep serving (or locking) them.
+            _release_lite(os.path.abspath(self.folder / f"{name}.db"), force=True)
             for path in self.folder.glob(f"{name}.db*"):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -368,7 +486,7 @@ class VectorStore:
         """Top-k hits per query vector: ``{"image_id", "score", catalogue fields...}``."""
         params: dict[str, Any] = {"metric_type": spec.metric_type if spec else "IP"}
         if spec is not None:
-            params["params"] = spec.search_params
+            params["params"] = widened(spec.search_params, top_k)
         found = self._call(
             name,
             "search",
@@ -390,7 +508,7 @@ class VectorStore:
             name,
             "query",
             name,
-            filter=f"product_id == {json.dumps(product_id)}",
+            filter=f"product_id == {quote(product_id)}",
             output_fields=fields,
         )
 
@@ -400,7 +518,7 @@ class VectorStore:
             name,
             "query",
             name,
-            filter=f"image_id == {json.dumps(image_id)}",
+            filter=f"image_id == {quote(image_id)}",
             output_fields=["image_id", *OUTPUT_FIELDS],
         )
         return rows[0] if rows else None
@@ -413,8 +531,46 @@ class VectorStore:
     def delete_product(self, name: str, product_id: str) -> int:
         """Remove every image of a product; return how many rows were removed."""
         present = len(self.rows_of_product(name, product_id))
-        self._call(name, "delete", name, filter=f"product_id == {json.dumps(product_id)}")
+        self._call(name, "delete", name, filter=f"product_id == {quote(product_id)}")
         return present
+
+
+def _release_lite(path: str, force: bool = False) -> None:
+    """One client of this process closed ``path``; stop its Lite server after the last."""
+    with _LITE_LOCK:
+        left = _LITE_OPEN.get(path, 0) - 1
+        if left > 0 and not force:
+            _LITE_OPEN[path] = left
+            return
+        _LITE_OPEN.pop(path, None)
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:  # no Lite installed: nothing of ours to stop
+            return
+        server_manager_instance.release_server(path)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(value: str) -> str:
+    """A Milvus string literal for ``value``.
+
+    Not JSON: the expression parser (Milvus Lite's at least) refuses ``\\uXXXX`` escapes, so
+    ``json.dumps("crème")`` is a syntax error there. Text stays as it is (UTF-8); only
+    backslash, double quote and line breaks, which cannot appear raw in a literal, are escaped.
+    """
+    return '"' + "".join(_ESCAPES.get(char, char) for char in value) + '"'
+
+
+def widened(search_params: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """Search parameters whose candidate lists hold at least ``top_k`` hits: Milvus refuses an
+    HNSW ``ef`` or a DiskANN ``search_list`` smaller than the number of results asked for."""
+    out = dict(search_params)
+    for key in ("ef", "search_list"):
+        if key in out:
+            out[key] = max(int(out[key]), top_k)
+    return out
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,202 @@
+"""The index step on real Milvus Lite: build, verify, swap the alias, clean up, roll back."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.catalog.config import ImageLimits, ValidationConfig
+from components.catalog.demo import CATEGORIES, generate_demo_catalog
+from components.index import (
+    IndexBuildConfig,
+    IndexVerificationError,
+    build_index,
+    collection_name,
+    rollback_index,
+)
+from components.validate import validate_catalog
+from model.config import load_params
+from model.package import ModelConfig, build_model, package_version, save_package
+from serving.store import COLLECTION_PREFIX, DEFAULT_ALIAS, IndexConfig, VectorStore
+from tests.conftest import TINY_BACKBONE
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTS, PHOTOS = 10, 3
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model package (random weights, 16-d embeddings)."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=TINY_BACKBONE, weights="none", embed_dim=16, pooling="gem")
+    directory = tmp_path_factory.mktemp("packages") / "tiny-2024-06-01"
+    return save_package(build_model(config).eval(), config, directory)
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo catalogue (10 products x 3 photos, plus its bad rows) after validation."""
+    root = tmp_path_factory.mktemp("catalogue")
+    manifest = generate_demo_catalog(
+        root / "demo", products=PRODUCTS, photos_per_product=PHOTOS, progress=False, image_size=96
+    )
+    config = ValidationConfig(data_docs=False, images=ImageLimits(min_side=32))
+    summary = validate_catalog(manifest, root / "validated", config=config, progress=False)
+    assert summary["valid_rows"] == PRODUCTS * PHOTOS
+    return Path(summary["outputs"]["validated"])
+
+
+def _config(tmp_path: Path, **changes) -> IndexBuildConfig:
+    return IndexBuildConfig(uri=str(tmp_path / "milvus"), device="cpu", **changes)
+
+
+def _build(validated: Path, package: Path, config: IndexBuildConfig) -> dict:
+    return build_index(validated, package, config, progress=False)
+
+
+def _served(config: IndexBuildConfig) -> str | None:
+    return VectorStore(config.uri, alias=config.alias).alias_target()
+
+
+def _collections(config: IndexBuildConfig) -> list[str]:
+    return VectorStore(config.uri, alias=config.alias).collections()
+
+
+def _orphan(config: IndexBuildConfig, name: str) -> str:
+    """Leave ``name`` as a killed build does: rows inserted, no index, no metadata."""
+    store = VectorStore(config.uri, alias=config.alias)
+    store.create_collection(name, 16)
+    store.insert(name, [{"image_id": "half", "embedding": [0.25] * 16}])
+    store.close()
+    return name
+
+
+def test_build_fail_rebuild_and_roll_back(tmp_path: Path, validated: Path, package: Path) -> None:
+    config = _config(tmp_path)
+    first = _build(validated, package, config)
+
+    name = first["collection"]
+    assert name.startswith(COLLECTION_PREFIX)
+    assert first["previous"] is None
+    assert first["alias"] == DEFAULT_ALIAS
+    assert (first["rows"], first["skipped_images"]) == (PRODUCTS * PHOTOS, 0)
+    assert first["dim"] == 16
+    check = first["verification"]
+    assert check["passed"] and check["recall_at_k"] >= check["floor"] == 0.95
+    assert (check["queries"], check["k"]) == (PRODUCTS * PHOTOS, 10)
+    assert first["index"]["index_type"] == "HNSW"
+    assert "DiskANN" in first["index"]["reason"]
+    assert first["model_package"] == str(package.resolve())
+    assert first["model_version"] == package_version(package)
+    assert first["categories"] and set(first["categories"]) <= set(CATEGORIES)
+    assert first["categories"] == sorted(first["categories"])
+    assert first["removed"] == []
+    assert set(first["seconds"]) >= {"embed", "insert", "index", "verify", "total"}
+    assert _served(config) == name
+
+    store = VectorStore(config.uri)
+    store.load(name)  # build_index closed it: a new reader loads first
+    recorded = store.metadata(name)
+    assert recorded["rows"] == PRODUCTS * PHOTOS
+    assert recorded["model_package"] == first["model_package"]
+    assert recorded["model_version"] == first["model_version"]
+    assert recorded["categories"] == first["categories"]
+    assert recorded["index"] == first["index"]
+    store.close()
+
+    # A night whose index really loses recall: IVF with one cell per image (nlist is clamped
+    # to the 30 rows) probing a single cell finds the query image and hardly anything else.
+    lossy = dataclasses.replace(
+        config, index=IndexConfig(index_type="IVF_FLAT", ivf_nlist=1024, ivf_nprobe=1)
+    )
+    with pytest.raises(IndexVerificationError, match=r"recall@10 .* is 0\.\d{3}, below") as err:
+        _build(validated, package, lossy)
+    message = str(err.value)
+    assert "IVF_FLAT" in message and "0.95" in message
+    failed = message.split(":")[0].removeprefix("collection ")
+    assert failed.startswith(COLLECTION_PREFIX) and failed > name
+    assert not list((tmp_path / "milvus").glob(f"{failed}*"))  # dropped, files and all
+    assert _collections(config) == [name]
+    assert _served(config) == name  # the previous collection keeps serving
+
+    second = _build(validated, package, config)
+    assert second["previous"] == name
+    assert second["collection"] > failed
+    assert _served(config) == second["collection"]
+    assert _collections(config) == [name, second["collection"]]
+
+    # A build killed after the second one began leaves an unfinished collection older than
+    # the served one: rollback must skip it and go back to the first.
+    started = second["collection"].removeprefix(COLLECTION_PREFIX).split("_")[0]
+    killed = collection_name(
+        "killed", datetime.strptime(started, "%Y%m%dT%H%M%S%f") - timedelta(microseconds=1)
+    )
+    _orphan(config, killed)
+    assert name < killed < second["collection"]
+    back = rollback_index(config)
+    assert back["collection"] == name
+    assert back["previous"] == second["collection"]
+    assert back["model_version"] == package_version(package)
+    assert back["rows"] == PRODUCTS * PHOTOS
+    assert _served(config) == name
+
+    with pytest.raises(RuntimeError, match="nothing to roll back to"):
+        rollback_index(config)
+    assert _served(config) == name
+
+
+def test_cleanup_keeps_the_newest_and_drops_orphans(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    config = _config(tmp_path, keep_collections=1)
+    first = _build(validated, package, config)["collection"]
+    second = _build(validated, package, config)
+    assert second["removed"] == []  # one older collection: kept
+    # What killed builds leave: rows, no index, no metadata. One started while the second
+    # collection was served; one is newer than anything (the newest-first rule alone).
+    orphan = _orphan(config, collection_name("killed"))
+    future = _orphan(config, collection_name("killed", datetime(2999, 1, 1, tzinfo=UTC)))
+    assert _collections(config) == [first, second["collection"], orphan, future]
+
+    third = _build(validated, package, config)
+    assert third["previous"] == second["collection"]
+    # The orphan is older than the new collection but is not one of the kept ones.
+    assert third["removed"] == [first, orphan, future]
+    assert _collections(config) == [second["collection"], third["collection"]]
+    for gone in third["removed"]:
+        assert not list((tmp_path / "milvus").glob(f"{gone}*"))
+    assert _served(config) == third["collection"]
+
+
+def test_config_from_a_mapping() -> None:
+    flat = IndexBuildConfig.from_dict({"uri": "x", "index_type": "HNSW", "hnsw_ef": 32})
+    nested = IndexBuildConfig.from_dict(
+        {"uri": "x", "index": {"index_type": "HNSW", "hnsw_ef": 32}}
+    )
+    assert flat == nested
+    assert flat.index == IndexConfig(index_type="HNSW", hnsw_ef=32)
+    assert IndexBuildConfig.from_dict({}) == IndexBuildConfig()
+    with pytest.raises(ValueError, match="hnsw_eff"):
+        IndexBuildConfig.from_dict({"hnsw_eff": 1})
+    with pytest.raises(ValueError, match="nope"):
+        IndexBuildConfig.from_dict({"index": {"nope": 1}})
+
+
+def test_the_repository_params_parse() -> None:
+    raw = load_params(REPO / "params.yaml", "index")
+    config = IndexBuildConfig.from_dict(raw)
+    assert config.uri == raw["uri"]
+    assert config.index.index_type == raw["index_type"]
+    assert config.verify_floor == raw["verify_floor"]
+    assert config.keep_collections == raw["keep_collections"]
+
+
+def test_collection_names_sort_by_build_time() -> None:
+    early = collection_name("tiny v1/2", datetime(2024, 6, 1, 2, 3, 4, 5, tzinfo=UTC))
+    late = collection_name("tiny v1/2", datetime(2024, 6, 1, 2, 3, 4, 6, tzinfo=UTC))
+    assert early == f"{COLLECTION_PREFIX}20240601T020304000005_tiny_v1_2"
+    assert early < late
