@@ -295,9 +295,10 @@ class VectorStore:
         schema.add_field("price", DataType.DOUBLE)
         schema.add_field("image_uri", DataType.VARCHAR, max_length=4096)
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-        # Strong: what the index step and the admin API write, the next read sees (a server's
-        # default, Bounded, may miss a write for a moment; Lite ignores the setting).
-        self._call(name, "create_collection", name, schema=schema, consistency_level="Strong")
+        # Session: this client's own writes (the admin API's adds and removes) are seen by its
+        # next search, without Strong's wait for the server's time tick (~200 ms per search,
+        # measured by bench/bench_index.py --server). Lite ignores the setting.
+        self._call(name, "create_collection", name, schema=schema, consistency_level="Session")
         meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
         meta.add_field("value", DataType.VARCHAR, max_length=65535)
