@@ -345,15 +345,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section_with_overrides(
+    params: Path | None, section: str, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``section`` of ``params.yaml`` (if given), with each option set on the command line
+    (not None) winning."""
+    from model.config import load_params
+
+    raw: dict[str, Any] = load_params(params, section) if params else {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return raw
+
+
 def train_config_from_args(args: argparse.Namespace):
     """Merge defaults < params.yaml `train` section < command-line options."""
     import yaml
 
-    from model.config import TrainConfig, load_params
+    from model.config import TrainConfig
 
-    raw: dict[str, Any] = load_params(args.params, "train") if args.params else {}
-    loss = raw.get("loss", {})
-    raw["loss"] = {"name": loss} if isinstance(loss, str) else dict(loss)
     overrides = {
         "backbone": args.backbone,
         "weights": args.weights,
@@ -367,7 +376,9 @@ def train_config_from_args(args: argparse.Namespace):
         "max_train_images": args.max_train_images,
         "seed": args.seed,
     }
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw = _section_with_overrides(args.params, "train", overrides)
+    loss = raw.get("loss", {})
+    raw["loss"] = {"name": loss} if isinstance(loss, str) else dict(loss)
     if args.embed_dim is not None:
         raw["embed_dim"] = args.embed_dim or None
     if args.loss:
@@ -439,9 +450,7 @@ def run_demo_catalog(args: argparse.Namespace) -> int:
 def validation_config_from_args(args: argparse.Namespace):
     """Merge defaults < params.yaml `validate` section < command-line options."""
     from components.catalog.config import ValidationConfig
-    from model.config import load_params
 
-    raw: dict[str, Any] = load_params(args.params, "validate") if args.params else {}
     overrides = {
         "formats": args.formats.split(",") if args.formats else None,
         "min_side": args.min_side,
@@ -450,8 +459,7 @@ def validation_config_from_args(args: argparse.Namespace):
         "workers": args.workers,
         "data_docs": False if args.no_data_docs else None,
     }
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return ValidationConfig.from_dict(raw)
+    return ValidationConfig.from_dict(_section_with_overrides(args.params, "validate", overrides))
 
 
 def print_validation(summary: dict[str, Any]) -> None:
@@ -495,9 +503,7 @@ def run_validate(args: argparse.Namespace) -> int:
 def index_config_from_args(args: argparse.Namespace):
     """Merge defaults < params.yaml `index` section < command-line options."""
     from components.index import IndexBuildConfig
-    from model.config import load_params
 
-    raw: dict[str, Any] = load_params(args.params, "index") if args.params else {}
     overrides = {
         "uri": args.uri,
         "alias": args.alias,
@@ -506,8 +512,7 @@ def index_config_from_args(args: argparse.Namespace):
         "keep_collections": args.keep,
         "device": args.device,
     }
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return IndexBuildConfig.from_dict(raw)
+    return IndexBuildConfig.from_dict(_section_with_overrides(args.params, "index", overrides))
 
 
 def run_index(args: argparse.Namespace) -> int:

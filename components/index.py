@@ -73,15 +73,9 @@ class IndexBuildConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> IndexBuildConfig:
         """From a mapping; index parameters may be flat or under ``index:``."""
-        raw = dict(raw)
-        index_names = {f.name for f in dataclasses.fields(IndexConfig)}
-        index = dict(raw.pop("index", {}) or {})
-        index.update({k: raw.pop(k) for k in list(raw) if k in index_names})
-        unknown = (set(raw) - {f.name for f in dataclasses.fields(cls)}) | (
-            set(index) - index_names
-        )
-        if unknown:
-            raise ValueError(f"unknown index option(s): {', '.join(sorted(unknown))}")
+        from model.config import split_nested
+
+        raw, index = split_nested(raw, cls, "index", IndexConfig, "index")
         return cls(index=IndexConfig(**index), **raw)
 
 

@@ -89,3 +89,19 @@ def load_params(path: Path, section: str | None = None) -> dict[str, Any]:
     if section is None:
         return data
     return data.get(section, {}) or {}
+
+
+def split_nested(
+    raw: dict[str, Any], outer: type, key: str, inner: type, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a ``params.yaml`` section into the options of dataclass ``outer`` and those of the
+    dataclass ``inner`` it nests under ``key``; inner options may also be given flat. Unknown
+    keys are an error (naming ``what`` options) so that typos do not pass silently."""
+    raw = dict(raw)
+    inner_names = {f.name for f in dataclasses.fields(inner)}
+    nested = dict(raw.pop(key, {}) or {})
+    nested.update({k: raw.pop(k) for k in list(raw) if k in inner_names})
+    unknown = (set(raw) - {f.name for f in dataclasses.fields(outer)}) | (set(nested) - inner_names)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(sorted(unknown))}")
+    return raw, nested

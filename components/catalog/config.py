@@ -64,13 +64,9 @@ class ValidationConfig:
         Image limits may be given flat (``min_side: 64``) or under ``images:``; unknown keys
         are an error so that typos do not pass silently.
         """
-        raw = dict(raw)
-        image_names = {f.name for f in dataclasses.fields(ImageLimits)}
-        images = dict(raw.pop("images", {}) or {})
-        images.update({k: raw.pop(k) for k in list(raw) if k in image_names})
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)} | (set(images) - image_names)
-        if unknown:
-            raise ValueError(f"unknown validation option(s): {', '.join(sorted(unknown))}")
+        from model.config import split_nested
+
+        raw, images = split_nested(raw, cls, "images", ImageLimits, "validation")
         for key in ("required_columns", "categories"):
             if key in raw:
                 raw[key] = tuple(raw[key] or ())
