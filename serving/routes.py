@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,7 +17,7 @@ from pydantic import BaseModel, Field
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError
 from serving.pair import ServingPair
-from serving.search import milvus_filter, search_vector
+from serving.search import image_url, milvus_filter, search_vector
 from serving.uploads import UploadLimits, decode_upload
 
 router = APIRouter()
@@ -157,8 +158,6 @@ async def search_by_product(
             raise ApiError(
                 404, "unknown_product", f"no product {product_id!r} in {pair.collection}"
             )
-        import numpy as np
-
         vector = np.asarray(sorted(rows, key=lambda r: r["image_id"])[0]["embedding"], np.float32)
         expr = milvus_filter(category or None, price_min, price_max, exclude_product=product_id)
         results = await search_vector(store, pair, vector, top_k, expr, timings)
@@ -169,8 +168,6 @@ async def search_by_product(
 @router.get("/v1/products/{product_id}", tags=["catalogue"])
 async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
     """A product's images and catalogue fields."""
-    from serving.search import image_url
-
     async with holder.use() as pair:
         rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
     if not rows:

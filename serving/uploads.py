@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.image_format import canonical_format, signature
+
 log = logging.getLogger(__name__)
 
 # HTTP status answered for each refusal code.
@@ -41,11 +43,6 @@ _MIME_TYPES: dict[str, tuple[str, ...]] = {
 }
 # Content types that say nothing about the bytes: the bytes decide.
 _UNTYPED = ("", "application/octet-stream")
-# Phone cameras write multi-picture JPEGs, which Pillow names MPO; they are JPEGs to a user.
-_FORMAT_ALIASES = {"MPO": "JPEG"}
-# Leading bytes of formats Pillow reads: a file that starts like an image but does not parse
-# is a corrupt image, not a non-image.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00")
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,7 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
     _check_content_type(content_type, limits)
     image = _open_header(data)
     with image:
-        fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "")
+        fmt = canonical_format(image.format)
         width, height = image.size
         if fmt not in limits.formats:
             raise UploadError(
@@ -163,7 +160,7 @@ def _open_header(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise UploadError("too_many_pixels", f"the image is too large to decode: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        if signature(data):
             raise UploadError("corrupt_image", f"the image header does not parse: {err}") from err
         raise UploadError("not_an_image", "the upload is not an image Pillow can read") from err
 

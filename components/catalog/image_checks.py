@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from components.catalog.config import ImageLimits
+from model.image_format import canonical_format, signature
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 # Header-level problems that no change of limits can cure: reusable from a snapshot as they are.
@@ -132,14 +133,14 @@ def inspect_bytes(data: bytes, limits: ImageLimits, digest: str = "") -> ImageFa
     except Image.DecompressionBombError as err:
         return ImageFacts(digest, len(data), "", 0, 0, False, "too_many_pixels", str(err))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if _signature(data):  # an image file whose header is cut or broken
-            message = f"a {_signature(data)} file whose header does not parse ({err})"
+        announced = signature(data)
+        if announced:  # an image file whose header is cut or broken
+            message = f"a {announced} file whose header does not parse ({err})"
             return ImageFacts(digest, len(data), "", 0, 0, False, "corrupt_image", message)
         message = "no image format Pillow knows starts these bytes"
         return ImageFacts(digest, len(data), "", 0, 0, False, "not_an_image", message)
     with image:
-        fmt, (width, height) = image.format or "", image.size
-        fmt = "JPEG" if fmt == "MPO" else fmt  # phones' multi-picture JPEGs are JPEGs
+        fmt, (width, height) = canonical_format(image.format), image.size
         header_ok = (
             fmt in limits.formats
             and width * height <= limits.max_pixels
@@ -154,24 +155,6 @@ def inspect_bytes(data: bytes, limits: ImageLimits, digest: str = "") -> ImageFa
                 digest, len(data), fmt, width, height, True, "corrupt_image", str(err)
             )
     return ImageFacts(digest, len(data), fmt, width, height, True)
-
-
-_SIGNATURES = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"GIF87a": "GIF",
-    b"GIF89a": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
-
-
-def _signature(data: bytes) -> str:
-    """The image format the first bytes announce, or ``""``."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), "")
 
 
 def image_reasons(facts: ImageFacts, limits: ImageLimits) -> list[tuple[str, str]]:
