@@ -8,14 +8,14 @@ export DVC_NO_ANALYTICS := 1
 # Great Expectations, and recompiling them from source costs seconds each time.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup system-deps demo serve test test-fast lint format bench grocery-losses clean
+.PHONY: setup system-deps demo repro serve test test-fast lint format bench grocery-losses clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) venv --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(UV) pip install --quiet --python $(BIN)/python -e '.[dev,workflow]'
 	@touch $@
 
 ## Debian packages the browser test (chromium, chromium-driver) and the monitoring tests
@@ -34,6 +34,10 @@ system-deps:
 ## The main job on embedded defaults (demo catalogue -> fine-tune -> evaluate, CPU).
 demo: setup
 	$(BIN)/vitrine demo
+
+## The DVC pipeline (dvc.yaml): catalog -> validate -> train -> evaluate -> index.
+repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 ## The search service and its page on http://127.0.0.1:8000 (after `make demo` built an index).
 serve: setup

@@ -22,11 +22,11 @@ DATASET_HELP = (
 )
 
 
-def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
+def _add_dataset_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
-        "--dataset", required=True, choices=["sop", "inshop", "catalog"], help=DATASET_HELP
+        "--dataset", required=required, choices=["sop", "inshop", "catalog"], help=DATASET_HELP
     )
-    parser.add_argument("--root", required=True, type=Path, help="dataset folder (or manifest)")
+    parser.add_argument("--root", required=required, type=Path, help="dataset folder (or manifest)")
     parser.add_argument("--json", type=Path, help="write every metric to this JSON file")
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)"
@@ -54,9 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed the evaluation images and report Recall@K and MAP@R under the "
         "dataset's protocol (SOP: every test image queries all others, K=1,10,100,1000; "
         "In-Shop: queries search the gallery, K=1,10,20,30,40). Without --package, scores the "
-        "pretrained backbone with average pooling and no training.",
+        "pretrained backbone with average pooling and no training. With --catalog instead of "
+        "--dataset/--root, scores a package on every set of the `evaluate` section of --params "
+        "(by default the catalogue's held-out products under both protocols), as the nightly "
+        "gate does; metrics nest per set (inshop.recall@1).",
     )
-    _add_dataset_options(evaluate)
+    _add_dataset_options(evaluate, required=False)
+    evaluate.add_argument(
+        "--catalog",
+        type=Path,
+        help="validated manifest: evaluate --package on the configured sets (needs --package)",
+    )
+    evaluate.add_argument(
+        "--params", type=Path, help="params.yaml whose `evaluate` section to read"
+    )
+    evaluate.add_argument(
+        "--plots", type=Path, help="write recall_<set>.csv (k, recall) per set to this folder"
+    )
     evaluate.add_argument("--package", type=Path, help="model package folder written by train")
     evaluate.add_argument(
         "--backbone",
@@ -261,28 +275,93 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--collection", help="serve this collection instead of the alias target")
     rollout.set_defaults(handler=run_rollout)
 
+    nightly = sub.add_parser(
+        "nightly",
+        help="one night: validate -> train -> evaluate -> gate -> index -> rollout -> smoke",
+        description="Run the nightly flow in this process, the same step functions the Airflow "
+        "DAG runs as tasks: skip the night when neither the catalogue nor the parameters "
+        "changed since the last finished night; validate the catalogue (`nightly.catalogue`; "
+        "a seeded demo catalogue when null); fine-tune a candidate; score it on the "
+        "`evaluate` sets; gate it against the floors and the production model (the registry's "
+        "`production` pointer moves only if it passes); index the catalogue with the "
+        "production model and move the alias; roll out the service at `nightly.service_url` "
+        "and query it. A refused gate ends the night with the old model and collection "
+        "serving. Each step writes <work_dir>/runs/<run id>/<step>.json; rerunning a run id "
+        "skips finished steps.",
+    )
+    nightly.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="parameters (default: params.yaml)"
+    )
+    nightly.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, as `dvc exp run -S`: -S train.epochs=2 "
+        "-S gate.floors.inshop.recall@1=0.5 -S nightly.service_url=http://127.0.0.1:8000",
+    )
+    nightly.add_argument("--run-id", help="resume or name a night (default: the UTC time)")
+    nightly.add_argument("--json", type=Path, help="write every step's result to this JSON file")
+    nightly.add_argument("--quiet", action="store_true", help="no progress bars")
+    nightly.set_defaults(handler=run_nightly)
+
+    registry = sub.add_parser(
+        "registry",
+        help="the model registry: versions, the production pointer, its history",
+        description="Show the registry's versions and which one is in production "
+        "(`show`), every registration, promotion and rejection with who and why "
+        "(`history`), or point production at an earlier version by hand (`promote`; then "
+        "`vitrine index` and `vitrine rollout` serve it).",
+    )
+    registry.add_argument(
+        "action", choices=["show", "history", "promote"], help="what to do (default: show)"
+    )
+    registry.add_argument("version", nargs="?", help="the version for promote")
+    registry.add_argument(
+        "--root",
+        default=None,
+        help="registry folder or fsspec URI (default: nightly.registry of --params)",
+    )
+    registry.add_argument("--params", type=Path, default=Path("params.yaml"))
+    registry.set_defaults(handler=run_registry)
+
+    from components.pipeline_cli import add_pipeline_parser  # light: no kfp/torch until run
+
+    add_pipeline_parser(sub)
+
     demo = sub.add_parser(
         "demo",
-        help="the main job on embedded defaults: demo catalogue -> validate -> fine-tune -> "
-        "evaluate -> index",
-        description="Generate a seeded demo catalogue of rendered products with a few bad rows "
-        "(unless --catalog is given), validate it (bad rows go to quarantine), fine-tune the "
-        "default offline backbone on half of the valid products on the CPU, and report "
-        "Recall@K on the other half before and after training, then index the whole valid "
-        "catalogue with the fine-tuned model in Milvus Lite (--milvus-uri) for `vitrine serve`. "
-        "Prints what each step did and how long it took; writes everything under --out.",
+        help="the main job on embedded defaults: the nightly flow, then the live search page",
+        description="Start the search service on --host:--port, then run one night on "
+        "embedded defaults (the same steps as `vitrine nightly` and the Airflow DAG): "
+        "generate a seeded demo catalogue with a few bad rows (unless --catalog is given), "
+        "validate it (bad rows go to quarantine), fine-tune the default offline backbone on "
+        "half of the valid products on the CPU, score it on the other half under the In-Shop "
+        "and SOP protocols, gate it, index the catalogue in Milvus Lite (--milvus-uri), roll "
+        "the service onto the new model and collection and query it. Prints what each step "
+        "did and how long it took, then serves the page until Ctrl-C. Parameters come from "
+        "--params (if present), with the options below winning; everything is written "
+        "under --out.",
     )
     demo.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="output folder")
     demo.add_argument("--catalog", type=Path, help="use this manifest instead of generating one")
     demo.add_argument("--products", type=int, default=80, help="demo products to render")
-    demo.add_argument("--photos", type=int, default=6, help="photos per demo product")
     demo.add_argument("--loss", default="eir", choices=["triplet", "contrastive", "eet", "eir"])
     demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="parameters (default: params.yaml)"
+    )
+    demo.add_argument(
         "--milvus-uri",
         default="artifacts/milvus",
         help="where the demo index goes (default: artifacts/milvus, what `vitrine serve` reads)",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="search service interface")
+    demo.add_argument("--port", type=int, default=8000, help="search service port (default 8000)")
+    demo.add_argument(
+        "--no-serve", action="store_true", help="stop the service and exit after the night"
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=run_demo)
@@ -313,6 +392,10 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``vitrine evaluate``."""
+    if args.catalog is not None or args.dataset is None:
+        return run_evaluate_sets(args)
+    if args.root is None:
+        raise ValueError("vitrine evaluate needs --root with --dataset")
     from model.evaluate_dataset import evaluate_model
     from model.package import ModelConfig, build_model, load_package
     from model.train import resolve_device
@@ -341,6 +424,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["model"] = source
     metrics["dataset"] = args.dataset
     _print_metrics(f"{args.dataset} ({metrics['protocol']} protocol), model {source}", metrics)
+    _write_json(args.json, metrics)
+    return 0
+
+
+def run_evaluate_sets(args: argparse.Namespace) -> int:
+    """``vitrine evaluate --package P --catalog VALIDATED``: every configured evaluation set."""
+    from components.evaluate import EvaluationConfig, evaluate_package, write_recall_curves
+
+    if args.package is None or args.catalog is None:
+        raise ValueError("vitrine evaluate needs --dataset and --root, or --package and --catalog")
+    raw = _section_with_overrides(args.params, "evaluate", {"batch_size": args.batch_size})
+    config = EvaluationConfig.from_dict(raw | {"device": args.device})
+    metrics = evaluate_package(args.package, args.catalog, config, progress=not args.quiet)
+    print(f"evaluated in {metrics.pop('seconds'):.1f} s")  # not a metric: DVC tracks the file
+    for spec in config.sets:
+        block = metrics[spec.name]
+        _print_metrics(f"{spec.name} ({block['protocol']} protocol), model {args.package}", block)
+    if args.plots:
+        for path in write_recall_curves(metrics, args.plots):
+            print(f"plot data: {path}")
     _write_json(args.json, metrics)
     return 0
 
@@ -394,6 +497,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """``vitrine train``."""
+    from components.train import LOSS_CURVE, write_loss_curve
     from model.evaluate_dataset import evaluate_model
     from model.package import METRICS_FILE, load_package, write_json
     from model.train import resolve_device, train
@@ -423,6 +527,7 @@ def run_train(args: argparse.Namespace) -> int:
         _print_metrics(f"{args.dataset} test ({test['protocol']} protocol) after training", test)
     metrics["total_minutes"] = (time.perf_counter() - started) / 60
     write_json(result.package_dir / METRICS_FILE, metrics)
+    write_loss_curve(result.metrics["history"], result.package_dir / LOSS_CURVE)
     print(f"model package: {result.package_dir} ({metrics['total_minutes']:.1f} min)")
     _write_json(args.json, metrics)
     return 0
@@ -560,121 +665,116 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_rollout(args: argparse.Namespace) -> int:
     """``vitrine rollout``: POST /v1/admin/rollout on a running service."""
-    import os
+    from components.rollout import rollout_service
 
-    import httpx
-
-    token = args.token or os.environ.get("VITRINE_ADMIN_TOKEN", "")
-    body = {"collection": args.collection} if args.collection else {}
-    try:
-        response = httpx.post(
-            f"{args.url.rstrip('/')}/v1/admin/rollout",
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=600,
-        )
-    except httpx.HTTPError as err:
-        raise RuntimeError(f"cannot reach the service at {args.url}: {err}") from err
-    payload = response.json()
-    if response.status_code != 200:
-        raise RuntimeError(
-            f"rollout refused ({response.status_code}): {payload['error']['message']}"
-        )
-    serving = payload["serving"]
+    answer = rollout_service(args.url, token=args.token or None, collection=args.collection)
+    serving = answer["serving"]
     print(f"serving model {serving['model_version']} on {serving['collection']}")
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """``vitrine demo``: every step on embedded defaults, timed."""
-    from components.catalog.demo import generate_demo_catalog
-    from components.index import IndexBuildConfig, build_index
-    from components.validate import validate_catalog
-    from model.config import LossConfig, TrainConfig
-    from model.datasets import load_dataset
-    from model.evaluate_dataset import evaluate_model
-    from model.package import ModelConfig, build_model, load_package, write_json
-    from model.train import resolve_device, train
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=2", ...]`` → ``{"train.epochs": 2}``; values are read as YAML."""
+    import yaml
 
-    device = resolve_device(args.device)
-    progress = not args.quiet
-    timings: dict[str, float] = {}
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"-S needs KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
-    def step(name: str, started: float, what: str) -> None:
-        timings[name] = time.perf_counter() - started
-        print(f"[{name:>8}] {what} ({timings[name]:.1f} s)")
 
-    started = time.perf_counter()
-    manifest = args.catalog or generate_demo_catalog(
-        args.out / "catalog", args.products, args.photos, progress=progress
-    )
-    step("catalog", started, f"{manifest}")
+def _params_or_none(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        if path == Path("params.yaml"):
+            return None  # the default file is optional: built-in defaults
+        raise FileNotFoundError(f"no parameters file {path}")
+    return path
 
-    started = time.perf_counter()
-    validation = validate_catalog(manifest, args.out / "validation", progress=progress)
-    dataset = load_dataset("catalog", validation["outputs"]["validated"])
-    reasons = ", ".join(f"{k} {n}" for k, n in validation["quarantined_by_reason"].items())
-    step(
-        "validate",
-        started,
-        f"{validation['input_rows']} rows: {validation['valid_rows']} valid, "
-        f"{validation['quarantined_rows']} quarantined ({reasons or 'none'}); "
-        f"{len(dataset.train)} training images, {len(dataset.query)} evaluation images of "
-        "other products",
-    )
 
-    started = time.perf_counter()
-    base_config = ModelConfig(embed_dim=None)
-    base = evaluate_model(
-        build_model(base_config), dataset, base_config.data, device=device, progress=progress
-    )
-    step("baseline", started, f"pretrained backbone, no training: recall@1 {base['recall@1']:.3f}")
+def print_step(step: str, result: dict[str, Any]) -> None:
+    """One line per nightly step, for people."""
+    seconds = result.get("seconds", 0.0)
+    if result.get("skipped"):
+        what = f"skipped: {result['reason']}"
+    elif step == "changed":
+        what = result["reason"]
+    elif step == "validate":
+        what = (
+            f"{result['input_rows']} rows: {result['valid_rows']} valid, "
+            f"{result['quarantined_rows']} quarantined -> {result['validated']}"
+        )
+    elif step == "train":
+        what = f"{result['loss']} loss -> {result['package']}"
+    elif step == "evaluate":
+        what = ", ".join(
+            f"{name} recall@1 {block['recall@1']:.3f}"
+            for name, block in result.items()
+            if isinstance(block, dict) and "recall@1" in block
+        )
+    elif step == "gate":
+        verdict = "promoted" if result["promote"] else "rejected"
+        what = f"{verdict} {result['candidate']}: {'; '.join(result['reasons'])}"
+    elif step == "index":
+        what = (
+            f"{result['rows']} images -> {result['collection']} ({result['index']['index_type']}"
+            f", recall@10 vs exact {result['verification']['recall_at_k']:.3f})"
+        )
+    elif step == "rollout":
+        what = f"serving {result['serving']['model_version']} on {result['serving']['collection']}"
+    elif step == "smoke":
+        what = f"product {result['product_id']} at rank {result['rank']} ({result['took_ms']} ms)"
+    else:
+        what = f"night {result.get('outcome', '?')}"
+    print(f"[{step:>8}] {what} ({seconds:.1f} s)", flush=True)
 
-    started = time.perf_counter()
-    config = TrainConfig(
-        loss=LossConfig(name=args.loss),
-        epochs=args.epochs,
-        train_image_size=160,
-        classes_per_batch=8,
-        images_per_class=4,
-        device=str(device),
-    )
-    result = train(dataset, config, args.out / "model", progress=progress)
-    step("train", started, f"{args.loss} loss, {args.epochs} epochs -> {result.package_dir}")
 
-    started = time.perf_counter()
-    model, model_config = load_package(result.package_dir, device)
-    tuned = evaluate_model(model, dataset, model_config.data, device=device, progress=progress)
-    step(
-        "evaluate",
-        started,
-        f"fine-tuned: recall@1 {tuned['recall@1']:.3f} (baseline {base['recall@1']:.3f})",
-    )
-    started = time.perf_counter()
-    index = build_index(
-        validation["outputs"]["validated"],
-        result.package_dir,
-        IndexBuildConfig(uri=args.milvus_uri, device=str(device)),
-        progress=progress,
-    )
-    step(
-        "index",
-        started,
-        f"{index['rows']} images -> {index['collection']} ({index['index']['index_type']}, "
-        f"recall@10 vs exact {index['verification']['recall_at_k']:.3f}); alias "
-        f"{index['alias']} moved",
-    )
-    summary = {
-        "validation": validation,
-        "baseline": base,
-        "fine_tuned": tuned,
-        "index": index,
-        "seconds": timings,
-    }
-    write_json(args.out / "metrics.json", summary)
-    print(f"metrics written to {args.out / 'metrics.json'}")
-    print(f"search page: vitrine serve --uri {args.milvus_uri}  (then open http://127.0.0.1:8000/)")
+def run_nightly(args: argparse.Namespace) -> int:
+    """``vitrine nightly``."""
+    from components.nightly import load_plan, run_night
+
+    plan = load_plan(_params_or_none(args.params), parse_overrides(args.set))
+    results = run_night(plan, args.run_id, progress=not args.quiet, on_step=print_step)
+    print(f"run folder: {results['run_dir']}")
+    _write_json(args.json, results)
+    return 0 if results["finish"]["outcome"] != "rejected" else 1
+
+
+def run_registry(args: argparse.Namespace) -> int:
+    """``vitrine registry``."""
+    from components.nightly import load_plan
+    from components.registry import ModelRegistry
+
+    root = args.root or load_plan(_params_or_none(args.params)).nightly.registry
+    registry = ModelRegistry(root)
+    if args.action == "promote":
+        if not args.version:
+            raise ValueError("registry promote needs a VERSION (see `vitrine registry show`)")
+        registry.promote(args.version, decision={"reasons": ["promoted by hand"]})
+        print(f"production -> {args.version}; serve it with `vitrine index` then `vitrine rollout`")
+        return 0
+    if args.action == "history":
+        for event in registry.history():
+            extra = "; ".join(event.get("reasons", []))
+            print(f"{event['at']}  {event['event']:<10} {event['version']}  {extra}".rstrip())
+        return 0
+    production = registry.production_version()
+    print(f"registry {registry.uri}")
+    for version in registry.versions():
+        print(f"{'*' if version == production else ' '} {version}")
+    if production is None:
+        print("no production model yet")
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``vitrine demo``: the nightly flow on embedded defaults, then the live search page."""
+    from components.demo import run_demo as demo
+
+    results = demo(args, print_step)
+    return 0 if results["finish"]["outcome"] == "promoted" else 1
 
 
 # Library errors that mean "bad input or setup", by the module that defines them.

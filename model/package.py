@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 from model.backbone import DEFAULT_BACKBONE, backbone_data_config, create_backbone
 from model.head import EmbeddingHead, EmbeddingModel
 from model.jsonfile import write_json
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-METRICS_FILE = "metrics.json"
+from model.package_files import CONFIG_FILE as CONFIG_FILE
+from model.package_files import METRICS_FILE as METRICS_FILE
+from model.package_files import WEIGHTS_FILE as WEIGHTS_FILE
 
 
 class ModelPackageError(RuntimeError):
@@ -95,7 +94,8 @@ def load_package(
 
 def package_version(directory: Path) -> str:
     """A model package's version: its folder name and the start of its weights' SHA-256, so
-    two packages with the same name but different weights never share a version."""
+    two packages with the same name but different weights never share a version (a registry
+    folder, ``<time>-<sha10>``, is its own version)."""
     import hashlib
 
     directory = Path(directory)
@@ -106,4 +106,6 @@ def package_version(directory: Path) -> str:
     with weights.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return f"{directory.resolve().name}-{digest.hexdigest()[:10]}"
+    name, short = directory.resolve().name, digest.hexdigest()[:10]
+    # A registry version already ends with its weights' hash: do not repeat it.
+    return name if name.endswith(f"-{short}") else f"{name}-{short}"
