@@ -9,6 +9,7 @@ component and the Airflow task all call :func:`build_index`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from serving.store import (
     COLLECTION_PREFIX,
     DEFAULT_ALIAS,
+    META_VALUE_CHARS,
     IndexConfig,
     IndexSpec,
     StoreError,
@@ -56,6 +58,9 @@ class IndexBuildConfig:
         keep_collections: Older collections kept for rollback, besides the served one.
         batch_size: Images per forward pass when embedding.
         insert_batch: Rows per insert call.
+        canary_queries: Probe photos the service's recall canary searches with (one per
+            product with several photos).
+        drift_window: Recent queries the service's drift gauge compares with the catalogue.
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
@@ -69,6 +74,8 @@ class IndexBuildConfig:
     batch_size: int = 64
     insert_batch: int = 1000
     device: str = "auto"
+    canary_queries: int = 100
+    drift_window: int = 256
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> IndexBuildConfig:
@@ -251,7 +258,10 @@ def build_index(
             "dim": int(vectors.shape[1]),
             "categories": sorted({r["category"] for r in rows if r["category"]}),
         }
-        store.set_metadata(name, metadata)
+        yardsticks = service_yardsticks(rows, vectors, config)
+        for key, document in yardsticks.items():
+            store.set_metadata(name, document, key=key)
+        store.set_metadata(name, metadata)  # last: marks the build complete
     except BaseException:
         store.drop(name)
         store.close()
@@ -281,6 +291,19 @@ def build_index(
         verification["recall_at_k"],
     )
     return summary
+
+
+def service_yardsticks(
+    rows: list[dict[str, Any]], vectors: np.ndarray, config: IndexBuildConfig
+) -> dict[str, dict[str, Any]]:
+    """The recall canary's probes and the drift reference the service watches itself with
+    (see serving/probes.py), trimmed to fit one metadata document."""
+    from serving.probes import canary_probes, drift_reference
+
+    canary = canary_probes(rows, vectors, config.canary_queries)
+    while len(canary["probes"]) > 1 and len(json.dumps(canary)) > META_VALUE_CHARS:
+        canary = canary_probes(rows, vectors, len(canary["probes"]) // 2)
+    return {"canary": canary, "drift": drift_reference(vectors, config.drift_window)}
 
 
 def _finished(store: VectorStore, name: str) -> bool:

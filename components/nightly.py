@@ -56,6 +56,8 @@ class NightlyConfig:
         skip_unchanged: End the night early when neither the catalogue nor the parameters
             changed since the last finished night.
         demo_products: Products in the generated demo catalogue.
+        pushgateway: A Prometheus Pushgateway (``http://host:9091``) the night's metrics are
+            pushed to; they are also written to ``work_dir/metrics/vitrine_nightly.prom``.
     """
 
     catalogue: str | None = None
@@ -67,6 +69,7 @@ class NightlyConfig:
     kfp_timeout_s: float = 6 * 3600
     skip_unchanged: bool = True
     demo_products: int = 80
+    pushgateway: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("local", "kfp"):
@@ -406,34 +409,68 @@ def step_finish(plan: NightPlan, run_dir: Path, progress: bool = False) -> dict[
     """Record the night's outcome; the next night compares its fingerprint with this one."""
 
     def work() -> dict[str, Any]:
-        changed = _require(run_dir, "changed")
-        outcome: dict[str, Any] = {
-            "run_id": Path(run_dir).name,
-            "run_dir": str(run_dir),
-            "finished_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "fingerprint": changed["fingerprint"],
-        }
-        if not changed["changed"]:
-            return outcome | {"outcome": "skipped", "reasons": [changed["reason"]]}
-        gate = _require(run_dir, "gate")
-        validate = _require(run_dir, "validate")
-        outcome |= {
-            "validation_dir": validate["directory"],
-            "valid_rows": validate["valid_rows"],
-            "quarantined_rows": validate["quarantined_rows"],
-            "candidate": gate["candidate"],
-            "production": gate["serving"],
-            "reasons": gate["reasons"],
-        }
-        if not gate["promote"]:
-            outcome["outcome"] = "rejected"
-        else:
-            index = _require(run_dir, "index")
-            outcome |= {"outcome": "promoted", "collection": index["collection"]}
-        write_json(plan.work_dir / LAST_NIGHT_FILE, outcome)
+        from components.night_metrics import publish_night
+
+        outcome = _outcome(plan, run_dir)
+        outcome["metrics"] = publish_night(
+            outcome | _figures(run_dir), plan.work_dir, plan.nightly.pushgateway
+        )
+        if outcome["outcome"] != "skipped":
+            write_json(plan.work_dir / LAST_NIGHT_FILE, outcome)
         return outcome
 
     return _once("finish", run_dir, work)
+
+
+def _outcome(plan: NightPlan, run_dir: Path) -> dict[str, Any]:
+    """What a night ended with, for ``last_night.json`` and the monitoring."""
+    changed = _require(run_dir, "changed")
+    now = datetime.now(UTC)
+    previous = last_night(plan) or {}
+    outcome: dict[str, Any] = {
+        "run_id": Path(run_dir).name,
+        "run_dir": str(run_dir),
+        "finished_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finished_ts": now.timestamp(),
+        "fingerprint": changed["fingerprint"],
+        "last_success_ts": previous.get("last_success_ts"),
+        "consecutive_rejections": previous.get("consecutive_rejections", 0),
+    }
+    if not changed["changed"]:
+        return outcome | {"outcome": "skipped", "reasons": [changed["reason"]]}
+    gate = _require(run_dir, "gate")
+    validate = _require(run_dir, "validate")
+    outcome |= {
+        "validation_dir": validate["directory"],
+        "valid_rows": validate["valid_rows"],
+        "quarantined_rows": validate["quarantined_rows"],
+        "candidate": gate["candidate"],
+        "production": gate["serving"],
+        "reasons": gate["reasons"],
+    }
+    if not gate["promote"]:
+        outcome["outcome"] = "rejected"
+        outcome["consecutive_rejections"] += 1
+        return outcome
+    index = _require(run_dir, "index")
+    return outcome | {
+        "outcome": "promoted",
+        "collection": index["collection"],
+        "last_success_ts": now.timestamp(),
+        "consecutive_rejections": 0,
+    }
+
+
+def _figures(run_dir: Path) -> dict[str, Any]:
+    """The figures monitoring reads from the night's steps (not kept in last_night.json)."""
+    gate = step_result(run_dir, "gate") or {}
+    index = step_result(run_dir, "index") or {}
+    return {
+        "candidate_metrics": step_result(run_dir, "evaluate"),
+        "production_metrics": gate.get("production_metrics"),
+        "index_seconds": None if index.get("skipped", True) else index.get("seconds"),
+        "collection_rows": index.get("rows"),
+    }
 
 
 STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {

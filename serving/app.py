@@ -93,6 +93,24 @@ async def _load_until_ready(app: FastAPI) -> None:
             await asyncio.sleep(app.state.settings.reload_interval_s)
 
 
+async def _run_canary_periodically(app: FastAPI) -> None:
+    """Every ``canary_interval_s``, run the recall canary on whatever is served."""
+    from serving.routes import run_canary_once
+
+    interval = app.state.settings.canary_interval_s
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        if app.state.holder.current is None:
+            continue
+        try:
+            result = await run_canary_once(app.state.holder, app.state.store, app.state.metrics)
+            log.info("canary: recall %s (expected %s)", result["recall"], result["expected"])
+        except Exception as err:  # the canary must never take the service down
+            log.warning("canary failed: %s", err)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Assemble the service. ``settings`` default to the ``VITRINE_*`` environment."""
     settings = settings or get_settings()
@@ -104,12 +122,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.holder = PairHolder(store, settings, on_batch=metrics.observe_batch)
         loader = asyncio.create_task(_load_until_ready(app))
+        watcher = asyncio.create_task(_run_canary_periodically(app))
         try:
             yield
         finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            for task in (loader, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.holder.close()
 
     app = FastAPI(

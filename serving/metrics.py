@@ -57,10 +57,60 @@ class ServiceMetrics:
         )
         self.ready = Gauge("vitrine_ready", "1 when the service can answer searches", registry=r)
         self.rollouts = Counter("vitrine_rollouts", "Rollouts by outcome", ["outcome"], registry=r)
+        self.canary_recall = Gauge(
+            "vitrine_canary_recall",
+            "Live Recall@K of the recall canary on the served collection",
+            ["k"],
+            registry=r,
+        )
+        self.canary_expected = Gauge(
+            "vitrine_canary_expected_recall",
+            "The canary's Recall@K by exact search at index time",
+            ["k"],
+            registry=r,
+        )
+        self.canary_floor = Gauge(
+            "vitrine_canary_floor",
+            "Live canary Recall@10 below this alerts (expected minus the tolerance)",
+            registry=r,
+        )
+        self.canary_last_run = Gauge(
+            "vitrine_canary_last_run_timestamp_seconds", "When the canary last ran", registry=r
+        )
+        self.drift = Gauge(
+            "vitrine_query_drift",
+            "Standardised mean shift of recent query embeddings from the catalogue's",
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "vitrine_query_drift_threshold",
+            "Drift that random catalogue samples stay under (from the index step)",
+            registry=r,
+        )
+        self.drift_queries = Gauge(
+            "vitrine_query_drift_queries", "Recent queries in the drift window", registry=r
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.forward.observe(seconds)
+
+    def set_canary(self, result: dict, tolerance: float) -> None:
+        """Export one canary run (live and expected Recall@K, the floor, when)."""
+        for key, value in result["recall"].items():
+            if value is not None:
+                self.canary_recall.labels(key.split("@")[1]).set(value)
+        for key, value in result["expected"].items():
+            self.canary_expected.labels(key.split("@")[1]).set(value)
+        if "recall@10" in result["expected"]:
+            self.canary_floor.set(max(0.0, result["expected"]["recall@10"] - tolerance))
+        self.canary_last_run.set(result["at"])
+
+    def set_drift(self, drift: dict) -> None:
+        """Export the drift gauge (NaN while too few queries were seen)."""
+        self.drift.set(float("nan") if drift["distance"] is None else drift["distance"])
+        self.drift_threshold.set(drift["threshold"])
+        self.drift_queries.set(drift["queries"])
 
     def set_serving(self, model_version: str, collection: str, index_type: str, rows: int) -> None:
         self.serving.clear()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.batching import EmbeddingCache, MicroBatcher
+from serving.canary import DriftMonitor
 from serving.embedder import Embedder
 from serving.store import IndexSpec, VectorStore, spec_from_dict
 
@@ -32,6 +33,8 @@ class ServingPair:
     collection: str
     spec: IndexSpec
     metadata: dict[str, Any]
+    drift: DriftMonitor = field(default_factory=lambda: DriftMonitor(None))
+    canary: dict[str, Any] | None = None  # the last canary run's result
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -92,6 +95,8 @@ class PairHolder:
             )
         await asyncio.to_thread(self.store.load, target)
         metadata = await asyncio.to_thread(self.store.metadata, target)
+        for key in ("canary", "drift"):  # absent in collections built before they existed
+            metadata[key] = await asyncio.to_thread(self.store.recorded, target, key)
         package = metadata.get("model_package")
         if not package:
             raise LookupError(f"collection {target} does not record the model that built it")
@@ -113,6 +118,7 @@ class PairHolder:
             collection=target,
             spec=spec_from_dict(metadata.get("index", {"index_type": "", "metric_type": "IP"})),
             metadata=metadata,
+            drift=DriftMonitor(metadata.get("drift")),
         )
 
     async def rollout(

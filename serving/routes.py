@@ -127,6 +127,7 @@ async def search_by_image(
     timings: dict[str, float] = {}
     async with holder.use() as pair:
         vector, _ = await _embed_upload(pair, data, image.content_type, settings, metrics, timings)
+        pair.drift.observe(vector)
         expr = milvus_filter(category or None, price_min, price_max)
         results = await search_vector(store, pair, vector, top_k, expr, timings)
         _observe(metrics, timings)
@@ -216,7 +217,12 @@ def _sniff_image_type(path: Path) -> str | None:
 async def info(holder: HolderDep) -> dict:
     """The model and collection being served, and the catalogue's categories."""
     async with holder.use() as pair:
-        return {**pair.describe(), "categories": pair.metadata.get("categories", [])}
+        return {
+            **pair.describe(),
+            "categories": pair.metadata.get("categories", []),
+            "canary": pair.canary,
+            "drift": pair.drift.describe(),
+        }
 
 
 @router.post("/v1/admin/products", tags=["admin"], status_code=201)
@@ -297,6 +303,25 @@ async def rollout(
     return {"serving": new.describe(), "previous": previous}
 
 
+@router.post("/v1/admin/canary", tags=["admin"])
+async def canary(_: AdminDep, holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> dict:
+    """Run the recall canary now (it also runs every ``VITRINE_CANARY_INTERVAL_S``)."""
+    return await run_canary_once(holder, store, metrics)
+
+
+async def run_canary_once(holder: Any, store: Any, metrics: Any) -> dict:
+    """Run the canary on the current pair, keep and export its result."""
+    from serving.canary import run_canary
+
+    async with holder.use() as pair:
+        if not (pair.metadata.get("canary") or {}).get("probes"):
+            raise ApiError(409, "no_canary", f"collection {pair.collection} has no probe set")
+        result = await run_canary(pair, store)
+        pair.canary = result
+        metrics.set_canary(result, holder.settings.canary_tolerance)
+        return result
+
+
 @router.get("/healthz", tags=["service"])
 async def healthz() -> dict:
     """The process is up."""
@@ -322,6 +347,9 @@ async def readyz(holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> JSO
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
+    pair = request.app.state.holder.current
+    if pair is not None:
+        request.app.state.metrics.set_drift(pair.drift.describe())
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     upload_dir: str = Field(
         default="artifacts/uploads", description="where photos added through the admin API go"
     )
+    canary_interval_s: float = Field(
+        default=300.0, ge=0, description="run the recall canary this often; 0: only on demand"
+    )
+    canary_tolerance: float = Field(
+        default=0.05, ge=0, le=1, description="live canary recall@10 below expected - this alerts"
+    )
     reload_interval_s: float = Field(
         default=5.0, gt=0, description="while nothing is served, retry loading this often"
     )

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COLLECTION_PREFIX = "vitrine_"
 DEFAULT_ALIAS = "vitrine_products"
+META_VALUE_CHARS = 65535  # one metadata document (VARCHAR's limit)
 # Milvus Lite 3.x builds these; DISKANN is accepted by create_index but breaks loading.
 LITE_INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "FLAT", "AUTOINDEX")
 SCHEMA_FIELDS = ("image_id", "product_id", "category", "title", "price", "image_uri")
@@ -301,7 +302,7 @@ class VectorStore:
         self._call(name, "create_collection", name, schema=schema, consistency_level="Session")
         meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-        meta.add_field("value", DataType.VARCHAR, max_length=65535)
+        meta.add_field("value", DataType.VARCHAR, max_length=META_VALUE_CHARS)
         meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
         params = self._client(name).prepare_index_params()
         params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
@@ -394,13 +395,19 @@ class VectorStore:
                 )
             time.sleep(1.0)
 
-    def set_metadata(self, name: str, metadata: dict[str, Any]) -> None:
-        """Record what built the collection (JSON) in its companion collection."""
-        row = {"key": "build", "value": json.dumps(metadata, default=str), "vector": [0.0, 0.0]}
+    def set_metadata(self, name: str, metadata: dict[str, Any], key: str = "build") -> None:
+        """Record a JSON document about the collection in its companion collection. ``build``
+        (what built it) is written last by a build and marks it complete; other keys hold
+        the service's yardsticks (``canary``, ``drift``), at most 65,535 characters each."""
+        value = json.dumps(metadata, default=str)
+        if len(value) > META_VALUE_CHARS:
+            raise StoreError(f"metadata {key!r} of {name} is {len(value)} characters, over 65535")
+        row = {"key": key, "value": value, "vector": [0.0, 0.0]}
         self._call(name, "upsert", f"{name}_meta", [row])
 
-    def recorded(self, name: str) -> dict[str, Any]:
-        """What :meth:`set_metadata` recorded, or ``{}`` (a build that never finished).
+    def recorded(self, name: str, key: str = "build") -> dict[str, Any]:
+        """What :meth:`set_metadata` recorded under ``key``, or ``{}`` (for ``build``: a build
+        that never finished).
 
         Unlike :meth:`metadata` this reads only the companion collection, so it works on a
         collection that is not loaded.
@@ -408,7 +415,7 @@ class VectorStore:
         meta_name = f"{name}_meta"
         self._call(name, "load_collection", meta_name)
         rows = self._call(
-            name, "query", meta_name, filter='key == "build"', output_fields=["value"]
+            name, "query", meta_name, filter=f"key == {quote(key)}", output_fields=["value"]
         )
         return json.loads(rows[0]["value"]) if rows else {}
 
