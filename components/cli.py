@@ -479,9 +479,9 @@ def train_config_from_args(args: argparse.Namespace):
         "max_train_images": args.max_train_images,
         "seed": args.seed,
     }
-    raw = _section_with_overrides(args.params, "train", overrides)
-    loss = raw.get("loss", {})
-    raw["loss"] = {"name": loss} if isinstance(loss, str) else dict(loss)
+    from model.config import normalise_loss
+
+    raw = normalise_loss(_section_with_overrides(args.params, "train", overrides))
     if args.embed_dim is not None:
         raw["embed_dim"] = args.embed_dim or None
     if args.loss:

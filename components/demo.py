@@ -107,7 +107,7 @@ def demo_overrides(args: Any, service_url: str) -> dict[str, Any]:
         "nightly.skip_unchanged": False,  # a demo always shows the whole night
         "nightly.demo_products": args.products,
         "index.uri": args.milvus_uri,
-        "train.loss.name": args.loss,
+        "train.loss": args.loss,
         "train.epochs": args.epochs,
         "train.device": args.device,
         "evaluate.device": args.device,

@@ -66,11 +66,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """Build from a mapping (e.g. the ``train`` section of ``params.yaml``); unknown keys
-        are an error so typos do not pass silently."""
-        raw = dict(raw)
-        loss = raw.pop("loss", {})
-        if isinstance(loss, str):
-            loss = {"name": loss}
+        are an error so typos do not pass silently. The loss is a name with its
+        hyper-parameters in ``loss_params``, or one mapping with a ``name``."""
+        raw = normalise_loss(raw)
+        loss = raw.pop("loss")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
@@ -81,6 +80,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def normalise_loss(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a ``train`` section whose ``loss`` is one mapping: ``loss: eet`` plus
+    ``loss_params: {margin: 0.2}`` (what ``dvc exp run -S train.loss=eet`` sets) becomes
+    ``loss: {name: eet, margin: 0.2}``."""
+    raw = dict(raw)
+    loss = raw.pop("loss", None) or {}
+    loss = {"name": loss} if isinstance(loss, str) else dict(loss)
+    loss.update(raw.pop("loss_params", None) or {})
+    raw["loss"] = loss
+    return raw
 
 
 def load_params(path: Path, section: str | None = None) -> dict[str, Any]:

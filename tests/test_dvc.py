@@ -128,7 +128,7 @@ def test_metrics_and_plots_show(dvc_repo: Path):
 
 def test_experiment_reruns_only_what_train_params_change(dvc_repo: Path):
     output = _run(
-        "dvc", "exp", "run", "--name", "triplet", "-S", "train.loss.name=triplet", cwd=dvc_repo
+        "dvc", "exp", "run", "--name", "triplet", "-S", "train.loss=triplet", cwd=dvc_repo
     )
     for stage in ("catalog", "validate"):
         assert f"Stage '{stage}' didn't change, skipping" in output
@@ -137,8 +137,8 @@ def test_experiment_reruns_only_what_train_params_change(dvc_repo: Path):
 
     table = _run("dvc", "exp", "show", "--csv", cwd=dvc_repo)
     rows = {row["Experiment"] or row["rev"]: row for row in csv.DictReader(io.StringIO(table))}
-    assert rows["main"]["train.loss.name"] == "eir"
-    assert rows["triplet"]["train.loss.name"] == "triplet"
+    assert rows["main"]["train.loss"] == "eir"
+    assert rows["triplet"]["train.loss"] == "triplet"
     for name in ("main", "triplet"):
         for column in ("inshop.recall@1", "sop.recall@1"):
             assert 0.0 <= float(rows[name][column]) <= 1.0
