@@ -94,6 +94,18 @@ class PairHolder:
                 "`vitrine index` (or `vitrine demo`) first"
             )
         await asyncio.to_thread(self.store.load, target)
+        try:
+            return await self._build_pair(target)
+        except BaseException:
+            # A refused pair must not keep its collection open: on Milvus Lite an open
+            # database is a file lock that would stop the index step from cleaning it up.
+            live = [self.current, *self._draining]
+            if not any(pair is not None and pair.collection == target for pair in live):
+                await asyncio.to_thread(self.store.forget, target)
+            raise
+
+    async def _build_pair(self, target: str) -> ServingPair:
+        """The model the collection records, loaded and warmed, paired with it."""
         metadata = await asyncio.to_thread(self.store.metadata, target)
         for key in ("canary", "drift"):  # absent in collections built before they existed
             metadata[key] = await asyncio.to_thread(self.store.recorded, target, key)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -34,6 +32,7 @@ from serving.app import ENVELOPE_BYTES, create_app
 from serving.settings import Settings
 from serving.store import VectorStore
 from tests.conftest import TINY_BACKBONE
+from tests.live_server import serve_in_thread
 
 TOKEN = "t0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -544,24 +543,10 @@ def test_rollout_without_its_model_is_refused(
 def live_server(world: World, second: dict) -> Iterator[str]:
     """The app under a real uvicorn server on a free local port."""
     app: FastAPI = create_app(world.settings())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with serve_in_thread(app, log_level="warning") as url:
         with httpx.Client(base_url=url, timeout=30) as probe_client:
             _wait_ready(probe_client)
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_rollout_under_concurrent_queries_drops_none(
