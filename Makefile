@@ -19,12 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 ## Debian packages the browser test (chromium, chromium-driver) and the monitoring tests
-## (prometheus, promtool) use. Installed with apt-get when missing and run as root; elsewhere
-## their tests skip and say why.
-SYSTEM_PACKAGES := chromium chromium-driver prometheus
+## (prometheus, promtool, prometheus-pushgateway) use. Installed with apt-get when missing and
+## run as root; elsewhere their tests skip and say why.
+SYSTEM_PACKAGES := chromium chromium-driver prometheus prometheus-pushgateway
 system-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-	    && command -v promtool >/dev/null; then :; \
+	    && command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
