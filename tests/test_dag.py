@@ -48,7 +48,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-def _dags_test(env: dict[str, str], overrides: dict) -> str:
+def _dags_test(env: dict[str, str], overrides: dict, succeed: bool = True) -> str:
     conf = json.dumps({"set": overrides})
     run = subprocess.run(
         [*AIRFLOW, "dags", "test", DAG_ID, "--conf", conf],
@@ -59,7 +59,7 @@ def _dags_test(env: dict[str, str], overrides: dict) -> str:
         text=True,
         timeout=600,
     )
-    assert run.returncode == 0, run.stdout[-6000:]
+    assert (run.returncode == 0) == succeed, run.stdout[-6000:]
     return run.stdout
 
 
@@ -124,3 +124,15 @@ def test_a_promoted_night_then_a_refused_one(airflow_env: dict[str, str], tmp_pa
         assert httpx.get(f"{url}/v1/info").json()["collection"] == served["collection"]
         assert httpx.get(f"{url}/readyz").status_code == 200
         assert ModelRegistry(tmp_path / "registry").production_version() == production
+
+
+def test_bad_input_fails_the_night_at_once_with_the_reason(
+    airflow_env: dict[str, str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-catalogue" / "manifest.csv"
+    overrides = tiny_overrides(tmp_path) | {"nightly.catalogue": str(missing)}
+    log = _dags_test(airflow_env, overrides, succeed=False)
+    # Bad input is not retried: one try, and the message names the step and the file.
+    assert "AirflowFailException: changed:" in log, log[-4000:]
+    assert str(missing) in log
+    assert not (tmp_path / "nights" / "last_night.json").exists()
