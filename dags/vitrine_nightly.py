@@ -40,6 +40,16 @@ INFRA_RETRIES = {
 }
 
 
+def _night(params: dict[str, Any] | None, run_id: str | None):
+    """This DAG run's plan and run folder."""
+    from components.nightly import load_plan, run_dir_for
+
+    assert params is not None and run_id is not None  # Airflow passes both
+    os.chdir(PROJECT_DIR)  # relative paths in params.yaml are the project's
+    plan = load_plan(params["params_file"], params["set"])
+    return plan, run_dir_for(plan, run_id)
+
+
 def _step(name: str, params: dict[str, Any] | None, run_id: str | None) -> dict[str, Any]:
     """Run one step of the night for this DAG run.
 
@@ -48,13 +58,11 @@ def _step(name: str, params: dict[str, Any] | None, run_id: str | None) -> dict[
     """
     from airflow.sdk.exceptions import AirflowFailException
 
-    from components.nightly import STEP_FUNCTIONS, load_plan, run_dir_for
+    from components.nightly import STEP_FUNCTIONS
 
-    assert params is not None and run_id is not None  # Airflow passes both
-    os.chdir(PROJECT_DIR)  # relative paths in params.yaml are the project's
     try:
-        plan = load_plan(params["params_file"], params["set"])
-        return STEP_FUNCTIONS[name](plan, run_dir_for(plan, run_id), False)
+        plan, run_dir = _night(params, run_id)
+        return STEP_FUNCTIONS[name](plan, run_dir, False)
     except (ValueError, FileNotFoundError) as err:
         raise AirflowFailException(f"{name}: {err}") from err
 
@@ -125,12 +133,9 @@ def vitrine_nightly() -> None:
     @task
     def rejected(params: dict[str, Any] | None = None, run_id: str | None = None) -> list[str]:
         """The gate refused the candidate: say why; the old model and collection serve on."""
-        from components.nightly import load_plan, run_dir_for, step_result
+        from components.nightly import step_result
 
-        assert params is not None and run_id is not None
-        os.chdir(PROJECT_DIR)
-        plan = load_plan(params["params_file"], params["set"])
-        decision = step_result(run_dir_for(plan, run_id), "gate") or {}
+        decision = step_result(_night(params, run_id)[1], "gate") or {}
         print(f"night rejected; production stays {decision.get('serving')}")
         for reason in decision.get("reasons", []):
             print(f"  {reason}")

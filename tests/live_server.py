@@ -12,13 +12,18 @@ from typing import Any
 import uvicorn
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any, **options: Any) -> Iterator[str]:
     """Yield the server's base URL once it listens; stop it on exit. ``options`` go to
     ``uvicorn.Config`` (e.g. ``log_level``, ``log_config``, ``access_log``)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

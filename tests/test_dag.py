@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from components.demo import search_service
 from components.registry import ModelRegistry
+from tests.live_server import free_port
 from tests.test_nightly import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +63,6 @@ def _dags_test(env: dict[str, str], overrides: dict, succeed: bool = True) -> st
     return run.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _last_run_dir(work: Path) -> Path:
     runs = sorted((work / "nights" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     return runs[-1]
@@ -97,7 +91,7 @@ def test_the_dag_bag_has_no_import_errors(airflow_env: dict[str, str]) -> None:
 
 
 def test_a_promoted_night_then_a_refused_one(airflow_env: dict[str, str], tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     overrides = tiny_overrides(tmp_path) | {"nightly.service_url": url}
     env = airflow_env | {"VITRINE_UPLOAD_DIR": str(tmp_path / "uploads")}

@@ -15,14 +15,9 @@ import httpx
 import yaml
 
 from tests.conftest import TINY_BACKBONE
+from tests.live_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _tiny_params(path: Path) -> Path:
@@ -34,7 +29,7 @@ def _tiny_params(path: Path) -> Path:
 
 
 def test_demo_ends_with_a_live_search_page(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "components.cli", "demo", "--out", str(tmp_path / "demo")]
     command += ["--milvus-uri", str(tmp_path / "milvus"), "--port", str(port), "--quiet"]
     command += ["--products", "16", "--epochs", "1", "--params", str(_tiny_params(tmp_path / "p"))]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ from components.registry import ModelRegistry
 from model.datasets.protocols import as_protocol
 from model.datasets.records import ImageRecord, RetrievalDataset
 from tests.conftest import TINY_BACKBONE
+from tests.live_server import free_port
 
 TOKEN = "night-test-token"
 
@@ -40,17 +40,11 @@ def tiny_overrides(work: Path) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_promote_skip_and_reject_against_a_live_service(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VITRINE_ADMIN_TOKEN", TOKEN)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     overrides = tiny_overrides(tmp_path) | {"nightly.service_url": url}
     env = os.environ | {"VITRINE_UPLOAD_DIR": str(tmp_path / "uploads")}

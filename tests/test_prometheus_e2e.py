@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from components.index import IndexBuildConfig, build_index
 from components.validate import validate_catalog
 from model.package import ModelConfig, build_model, save_package
 from tests.conftest import TINY_BACKBONE
+from tests.live_server import free_port
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 PROMETHEUS = shutil.which("prometheus")
@@ -43,12 +43,6 @@ DOWN_FOR = "2s"  # VitrineDown's `for:` in this test only (1m in monitoring/rule
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not found (Debian package `prometheus`)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for(what: str, probe: Callable[[], Any], timeout: float, log: Path | None = None) -> Any:
@@ -108,7 +102,7 @@ def _prometheus_config(folder: Path, service_port: int) -> Path:
 def _prometheus(config: Path, folder: Path) -> Iterator[tuple[httpx.Client, Path]]:
     """A Prometheus server on a free port, ready when the block starts, stopped after it:
     its API client and its log."""
-    port = _free_port()
+    port = free_port()
     log = folder / "prometheus.log"
     command = [
         str(PROMETHEUS),
@@ -157,7 +151,7 @@ def test_prometheus_records_the_service_and_alerts_when_it_stops(
     catalogue_index: dict[str, Path], tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    service_port = _free_port()
+    service_port = free_port()
     service_url = f"http://127.0.0.1:{service_port}"
     env = os.environ | {
         "VITRINE_UPLOAD_DIR": str(tmp_path / "uploads"),

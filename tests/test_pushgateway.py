@@ -4,7 +4,6 @@ Prometheus users publish batch jobs: each push replaces the previous night's gro
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from components.night_metrics import JOB, publish_night
+from tests.live_server import free_port
 
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
 pytestmark = pytest.mark.skipif(
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture()
 def pushgateway(tmp_path: Path) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "pushgateway.log").open("wb")
     process = subprocess.Popen(
         [str(PUSHGATEWAY), f"--web.listen-address=127.0.0.1:{port}"],

@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,7 +57,7 @@ from model.package import WEIGHTS_FILE, ModelConfig, build_model, save_package
 from serving.app import create_app
 from serving.store import VectorStore
 from tests.conftest import TINY_BACKBONE
-from tests.live_server import serve_in_thread
+from tests.live_server import free_port, serve_in_thread
 from tests.test_serving_api import (
     ADMIN,
     PRODUCTS,
@@ -88,12 +87,6 @@ def _say(message: str) -> None:
 
 def _pair(body: dict) -> tuple[str, str]:
     return body["model_version"], body["collection"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _json_error(status: int, content_type: str, body: bytes) -> str | None:
@@ -739,7 +732,7 @@ def test_load_16_clients_no_errors(world: World, tmp_path: Path) -> None:
         "VITRINE_CANARY_INTERVAL_S": "0",
         "VITRINE_UPLOAD_DIR": str(tmp_path / "uploads"),
     }
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "service.log"
     with search_service(str(world.milvus), "127.0.0.1", port, log_path, env):

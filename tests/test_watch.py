@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,6 @@ def client(world: World):  # noqa: F811
         for _ in range(100):
             if test_client.get("/readyz").status_code == 200:
                 break
-            import time
-
             time.sleep(0.1)
         yield test_client
 
