@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skips finished steps.",
     )
     nightly.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="parameters (default: params.yaml)"
+        "--params", type=Path, help="parameters (default: ./params.yaml when it exists)"
     )
     nightly.add_argument(
         "-S",
@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="registry folder or fsspec URI (default: nightly.registry of --params)",
     )
-    registry.add_argument("--params", type=Path, default=Path("params.yaml"))
+    registry.add_argument(
+        "--params", type=Path, help="parameters (default: ./params.yaml when it exists)"
+    )
     registry.set_defaults(handler=run_registry)
 
     from components.pipeline_cli import add_pipeline_parser  # light: no kfp/torch until run
@@ -673,27 +675,6 @@ def run_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.epochs=2", ...]`` → ``{"train.epochs": 2}``; values are read as YAML."""
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"-S needs KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
-def _params_or_none(path: Path | None) -> Path | None:
-    if path is not None and not path.is_file():
-        if path == Path("params.yaml"):
-            return None  # the default file is optional: built-in defaults
-        raise FileNotFoundError(f"no parameters file {path}")
-    return path
-
-
 def print_step(step: str, result: dict[str, Any]) -> None:
     """One line per nightly step, for people."""
     seconds = result.get("seconds", 0.0)
@@ -733,9 +714,9 @@ def print_step(step: str, result: dict[str, Any]) -> None:
 
 def run_nightly(args: argparse.Namespace) -> int:
     """``vitrine nightly``."""
-    from components.nightly import load_plan, run_night
+    from components.nightly import load_plan, params_file, parse_overrides, run_night
 
-    plan = load_plan(_params_or_none(args.params), parse_overrides(args.set))
+    plan = load_plan(params_file(args.params), parse_overrides(args.set))
     results = run_night(plan, args.run_id, progress=not args.quiet, on_step=print_step)
     print(f"run folder: {results['run_dir']}")
     _write_json(args.json, results)
@@ -744,10 +725,10 @@ def run_nightly(args: argparse.Namespace) -> int:
 
 def run_registry(args: argparse.Namespace) -> int:
     """``vitrine registry``."""
-    from components.nightly import load_plan
+    from components.nightly import load_plan, params_file
     from components.registry import ModelRegistry
 
-    root = args.root or load_plan(_params_or_none(args.params)).nightly.registry
+    root = args.root or load_plan(params_file(args.params)).nightly.registry
     registry = ModelRegistry(root)
     if args.action == "promote":
         if not args.version:

@@ -111,6 +111,34 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=2"]`` → ``{"train.epochs": 2}`` (values read as YAML): the ``-S`` of
+    ``vitrine nightly`` and ``vitrine pipeline``, as ``dvc exp run -S``."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or "." not in key:
+            raise ValueError(f"-S needs SECTION.KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"-S {item!r}: the value is not YAML: {err}") from err
+    return overrides
+
+
+def params_file(params: str | Path | None) -> Path | None:
+    """The parameters file to read: ``params`` when given (it must exist), else
+    ``./params.yaml`` when there is one, else None (the built-in defaults)."""
+    if params is None:
+        default = Path("params.yaml")
+        return default if default.is_file() else None
+    if not Path(params).is_file():
+        raise FileNotFoundError(f"params file {params} not found")
+    return Path(params)
+
+
 def load_plan(
     params: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> NightPlan:

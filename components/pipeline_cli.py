@@ -148,39 +148,14 @@ def add_pipeline_parser(subparsers: Any) -> argparse.ArgumentParser:
 # ---- configuration -----------------------------------------------------------------------
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.epochs=2"]`` → ``{"train.epochs": 2}`` (values read as YAML)."""
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or "." not in key:
-            raise ValueError(f"-S needs SECTION.KEY=VALUE, got {item!r}")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"-S {item!r}: the value is not YAML: {err}") from err
-    return overrides
-
-
-def _params_path(params: Path | None) -> Path | None:
-    if params is None:
-        default = Path("params.yaml")
-        return default if default.is_file() else None
-    if not params.is_file():
-        raise FileNotFoundError(f"params file {params} not found")
-    return params
-
-
 def load_configuration(args: argparse.Namespace):
     """The night's plan and the pipeline settings from ``--params`` and ``-S``."""
-    from components.nightly import load_plan, set_dotted
+    from components.nightly import load_plan, params_file, parse_overrides, set_dotted
     from components.pipeline import PipelineSettings
     from model.config import load_params
 
     overrides = parse_overrides(args.overrides)
-    params = _params_path(args.params)
+    params = params_file(args.params)
     plan = load_plan(params, overrides)
     raw = {"pipeline": load_params(params, "pipeline") if params else {}}
     for key, value in overrides.items():

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from components.nightly import load_plan, step_evaluate, step_train
+from components.nightly import load_plan, parse_overrides, step_evaluate, step_train
 from components.pipeline import (
     PipelineSettings,
     compile_pipeline,
@@ -30,7 +30,7 @@ from components.pipeline import (
     submit_run,
     train_evaluate_on_kfp,
 )
-from components.pipeline_cli import add_pipeline_parser, describe_exports, parse_overrides
+from components.pipeline_cli import add_pipeline_parser, describe_exports
 from components.registry import ModelRegistry
 from tests.conftest import TINY_BACKBONE
 
