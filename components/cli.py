@@ -38,6 +38,7 @@ def _add_dataset_options(parser: argparse.ArgumentParser, required: bool = True)
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``vitrine`` sub-command."""
     from components.catalog.config import ImageLimits  # light: no torch, no GX
+    from components.pipeline_cli import add_config_options, add_pipeline_parser  # light
     from model.config import TrainConfig  # light: dataclasses and yaml, no torch
 
     parser = argparse.ArgumentParser(
@@ -289,18 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serving. Each step writes <work_dir>/runs/<run id>/<step>.json; rerunning a run id "
         "skips finished steps.",
     )
-    nightly.add_argument(
-        "--params", type=Path, help="parameters (default: ./params.yaml when it exists)"
-    )
-    nightly.add_argument(
-        "-S",
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter, as `dvc exp run -S`: -S train.epochs=2 "
-        "-S gate.floors.inshop.recall@1=0.5 -S nightly.service_url=http://127.0.0.1:8000",
-    )
+    add_config_options(nightly)
     nightly.add_argument("--run-id", help="resume or name a night (default: the UTC time)")
     nightly.add_argument("--json", type=Path, help="write every step's result to this JSON file")
     nightly.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -327,8 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--params", type=Path, help="parameters (default: ./params.yaml when it exists)"
     )
     registry.set_defaults(handler=run_registry)
-
-    from components.pipeline_cli import add_pipeline_parser  # light: no kfp/torch until run
 
     add_pipeline_parser(sub)
 
@@ -716,7 +704,7 @@ def run_nightly(args: argparse.Namespace) -> int:
     """``vitrine nightly``."""
     from components.nightly import load_plan, params_file, parse_overrides, run_night
 
-    plan = load_plan(params_file(args.params), parse_overrides(args.set))
+    plan = load_plan(params_file(args.params), parse_overrides(args.overrides))
     results = run_night(plan, args.run_id, progress=not args.quiet, on_step=print_step)
     print(f"run folder: {results['run_dir']}")
     _write_json(args.json, results)

@@ -16,13 +16,15 @@ from typing import Any
 
 SET_HELP = (
     "override a params.yaml value, like `dvc exp run -S` (repeatable): -S train.epochs=2, "
-    "-S gate.floors.inshop.recall@1=0.5, -S pipeline.accelerator_limit=2; the value is "
-    "read as YAML"
+    "-S gate.floors.inshop.recall@1=0.5, -S nightly.service_url=http://127.0.0.1:8000, "
+    "-S pipeline.accelerator_limit=2; the value is read as YAML"
 )
 PARAMS_HELP = "params.yaml to read (default: ./params.yaml when it exists, else the defaults)"
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--params`` and repeatable ``-S KEY=VALUE`` (into ``args.overrides``), for every
+    command that reads a night's plan."""
     parser.add_argument("--params", type=Path, help=PARAMS_HELP)
     parser.add_argument(
         "-S",
@@ -64,7 +66,7 @@ def add_pipeline_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=Path("pipeline.yaml"),
         help="output file (default: pipeline.yaml)",
     )
-    _add_config_options(compile_)
+    add_config_options(compile_)
     compile_.add_argument(
         "--no-gpu",
         action="store_true",
@@ -93,7 +95,7 @@ def add_pipeline_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="run with kfp.local (required; use `submit` for a cluster)",
     )
-    _add_config_options(run)
+    add_config_options(run)
     run.add_argument(
         "--catalogue",
         "--catalog",
@@ -122,7 +124,7 @@ def add_pipeline_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="KFP API endpoint, e.g. http://localhost:8080 after `kubectl port-forward -n "
         "kubeflow svc/ml-pipeline-ui 8080:80` (default: nightly.kfp_host)",
     )
-    _add_config_options(submit)
+    add_config_options(submit)
     submit.add_argument("--catalogue", "--catalog", help="manifest path or URI the pods can read")
     submit.add_argument("--run-id", help="registry run id (default: the UTC time)")
     submit.add_argument(

@@ -19,6 +19,15 @@ GROCERY_ROOT = Path(
 
 # A tiny timm model (about 0.1 M parameters) so training tests stay fast on a CPU.
 TINY_BACKBONE = "test_efficientnet"
+# A `train` section for a training run of about a second (the nightly, DVC and KFP tests).
+TINY_TRAIN = {
+    "backbone": TINY_BACKBONE,
+    "weights": "none",
+    "epochs": 1,
+    "classes_per_batch": 4,
+    "images_per_class": 2,
+    "train_image_size": 64,
+}
 
 
 @pytest.fixture(scope="session")

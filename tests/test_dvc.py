@@ -15,20 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow  # 35 s on 2 idle cores: five stages, then three of them again
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: vitrine and dvc
-TINY_TRAIN = {
-    "backbone": TINY_BACKBONE,
-    "weights": "none",
-    "epochs": 1,
-    "classes_per_batch": 4,
-    "images_per_class": 2,
-    "train_image_size": 64,
-}
 STAGES = ("catalog", "validate", "train", "evaluate", "index")
 
 

@@ -16,7 +16,7 @@ from components.nightly import last_night, load_plan, run_night, set_dotted, ste
 from components.registry import ModelRegistry
 from model.datasets.protocols import as_protocol
 from model.datasets.records import ImageRecord, RetrievalDataset
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_TRAIN
 from tests.live_server import free_port
 
 TOKEN = "night-test-token"
@@ -29,12 +29,7 @@ def tiny_overrides(work: Path) -> dict:
         "nightly.registry": str(work / "registry"),
         "nightly.demo_products": 16,
         "index.uri": str(work / "milvus"),
-        "train.backbone": TINY_BACKBONE,
-        "train.weights": "none",
-        "train.epochs": 1,
-        "train.classes_per_batch": 4,
-        "train.images_per_class": 2,
-        "train.train_image_size": 64,
+        **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
         "gate.floors": {"inshop.recall@1": 0.0, "sop.recall@1": 0.0},
         "validate.data_docs": False,
     }

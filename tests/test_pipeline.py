@@ -32,7 +32,7 @@ from components.pipeline import (
 )
 from components.pipeline_cli import add_pipeline_parser, describe_exports
 from components.registry import ModelRegistry
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 UNREACHABLE = "http://127.0.0.1:9"
@@ -49,14 +49,7 @@ def vitrine_pipeline(*argv: str) -> int:
 def tiny_params(root: Path) -> Path:
     """A params.yaml for a ~1 s training run, with everything under ``root``."""
     params = {
-        "train": {
-            "backbone": TINY_BACKBONE,
-            "weights": "none",
-            "epochs": 1,
-            "classes_per_batch": 4,
-            "images_per_class": 2,
-            "train_image_size": 64,
-        },
+        "train": dict(TINY_TRAIN),
         "validate": {"data_docs": False},
         "gate": {"floors": {"inshop.recall@1": 0.0}},
         "nightly": {
