@@ -13,13 +13,14 @@ largest client count) to show the ceiling that micro-batching can approach.
 The service is `create_app(Settings(...))` under a real uvicorn server on 127.0.0.1, in a child
 process so that its event loop and the load generator here do not share a GIL (the load
 generator still shares the CPU cores, as any client on the same host would). Milvus Lite lets
-one process open a database, so the service gets its own copy of the built collection
-(Milvus Lite 3 runs inside the process that opens it, as Python threads behind a local gRPC
-port: its search work counts in the service's CPU and competes for the service's GIL). The
-load generator is httpx (asyncio): N clients, each sending POST /v1/search/image back to back
-for a fixed time (or a fixed number of requests). The service's query-embedding cache is
-disabled (`cache_size=0`) and every request sends a different photo anyway, so every request
-is decoded and embedded. Batch sizes come from the service's /metrics.
+one process open a database, so the service gets its own copy of the built collection. Both
+sides run Lite as the service does by default (`Settings.lite_process`): in a child process
+serving the database on a loopback port, so its searches do not compete for the GIL of the
+process that asks; the service's CPU figure includes that child. The load generator is httpx
+(asyncio): N clients, each sending POST /v1/search/image back to back for a fixed time (or
+a fixed number of requests). The service's query-embedding cache is disabled (`cache_size=0`)
+and every request sends a different photo anyway, so every request is decoded and embedded.
+Batch sizes come from the service's /metrics.
 
 Bare and service phases alternate, in reverse order every other round (ABBA), so a drift in
 the machine's load weighs on every contender alike, and the per-round numbers show the noise.
@@ -153,14 +154,17 @@ def prepare(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 class BarePath:
     """The service's work without the service: forward + search, called directly."""
 
-    def __init__(self, setup: dict[str, Any], threads: int, depth: int, top_k: int) -> None:
+    def __init__(
+        self, setup: dict[str, Any], args: argparse.Namespace, depth: int, top_k: int
+    ) -> None:
         from serving.embedder import Embedder
         from serving.store import VectorStore, spec_from_dict
         from serving.uploads import UploadLimits, decode_upload
 
-        self.embedder = Embedder(setup["package"], "cpu", threads)
+        self.embedder = Embedder(setup["package"], "cpu", args.threads, not args.eager)
         self.embedder.warm_up((1, 4, 16))
-        self.store = VectorStore(setup["bare_uri"])
+        # Milvus Lite where the service runs it (Settings.lite_process): a child process.
+        self.store = VectorStore(setup["bare_uri"], lite_process=not args.lite_threads)
         self.collection = setup["collection"]
         self.store.load(self.collection)
         metadata = self.store.metadata(self.collection)
@@ -236,6 +240,9 @@ def serve(args: argparse.Namespace) -> None:
         "device": "cpu",
         "threads": args.threads,
         "cache_size": args.cache_size,
+        "torchscript": not args.eager,
+        "lite_process": not args.lite_threads,
+        "embed_workers": args.embed_workers,
         "max_batch": args.max_batch,
     }
     if args.max_wait_ms is not None:
@@ -274,6 +281,9 @@ class Service:
         ]
         if args.max_wait_ms is not None:
             command += ["--max-wait-ms", str(args.max_wait_ms)]
+        if args.embed_workers is not None:
+            command += ["--embed-workers", str(args.embed_workers)]
+        command += ["--eager"] * args.eager + ["--lite-threads"] * args.lite_threads
         with self.log.open("wb") as log:  # cwd: away from any .env in the repository
             self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=folder)
 
@@ -307,9 +317,20 @@ class Service:
         }
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the server process (Milvus Lite 3 runs inside it)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds of the server process and its children (the process
+        serving Milvus Lite); a child that exited is no longer counted."""
+        pids = [self.process.pid]
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            pids += [int(pid) for pid in children.read_text().split()]
+        total = 0.0
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -529,7 +550,8 @@ def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
         service = Service(setup["service_uri"], args, tmp)
         try:
             tick = time.perf_counter()
-            bare = BarePath(setup, args.threads, depth, top_k)
+            bare = BarePath(setup, args, depth, top_k)
+            setup["runtime"] = f"model {bare.embedder.runtime}"
             ready = service.wait_ready()
             print(
                 f"service ready in {time.perf_counter() - tick:.1f} s on {service.url} "
@@ -582,7 +604,10 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
         f"\n{args.seconds:g} s per phase x {args.rounds} rounds"
         + (f" ({args.requests} requests per phase)" if args.requests else "")
         + f"; torch threads {args.threads} (bare and service), {os.cpu_count()} CPUs; service: "
-        f"max_batch {args.max_batch}, max_wait_ms "
+        f"{result['setup']['runtime']}, Milvus Lite "
+        f"{'on threads' if args.lite_threads else 'in a child process'}, "
+        f"max_batch {args.max_batch}, embed workers "
+        f"{'default' if args.embed_workers is None else args.embed_workers}, max_wait_ms "
         f"{'default' if args.max_wait_ms is None else args.max_wait_ms}, cache_size "
         f"{args.cache_size}; top_k {result['setup']['top_k']} (search depth "
         f"{result['setup']['depth']}); load average now {os.getloadavg()[0]:.2f}"
@@ -624,7 +649,7 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
         print(
             f"    {n:>2} clients: {b['forwards']} passes, mean {b['mean']:.2f} images [{hist}]; "
             f"{stages}, outside {row['outside_handler_ms']:.1f}; CPU cores: service "
-            f"{row['cpu_server']:.2f} (with its in-process Milvus Lite), load generator "
+            f"{row['cpu_server']:.2f} (with its Milvus Lite process), load generator "
             f"{row['cpu_client']:.2f}; cache hits {row['cache_hits']}"
         )
         if row["first_error"]:
@@ -675,6 +700,17 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="service micro-batch limit")
     parser.add_argument("--max-wait-ms", type=float, help="service batch wait (default: its own)")
     parser.add_argument("--cache-size", type=int, default=0, help="service embedding cache")
+    parser.add_argument(
+        "--embed-workers", type=int, help="service forward passes at once (default: its own)"
+    )
+    parser.add_argument(
+        "--eager", action="store_true", help="eager PyTorch on both sides (not TorchScript)"
+    )
+    parser.add_argument(
+        "--lite-threads",
+        action="store_true",
+        help="Milvus Lite on threads of the process that searches (not a child process)",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--uri", help=argparse.SUPPRESS)

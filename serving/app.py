@@ -9,12 +9,13 @@ reason, and keeps retrying in the background.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -30,6 +31,10 @@ from serving.store import VectorStore
 log = logging.getLogger(__name__)
 # Room for the multipart envelope and form fields around the image itself.
 ENVELOPE_BYTES = 64 * 1024
+# Threads for the blocking work requests hand off (decoding, Milvus calls). asyncio's default
+# (cores + 4) lets six searches waiting on Milvus hold up every decode behind them: at 16
+# clients on 2 cores, decodes waited 8 ms on average, 2.8 ms with this many.
+IO_THREADS = 32
 
 
 class BodyLimit:
@@ -70,6 +75,40 @@ class BodyLimit:
             return event
 
         await self.app(scope, counted, send)
+
+
+class Measure:
+    """Count every HTTP request and time it, by route template, method and status.
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs each request through
+    an extra task and memory streams, about 0.3 ms that a 20 ms search would notice.
+    """
+
+    def __init__(self, app: ASGIApp, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless the app starts a response
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            # The router records the matched route in the scope it was given.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            metrics = self.metrics()
+            metrics.requests.labels(path, scope["method"], str(status)).inc()
+            metrics.latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
 
 
 async def _load_until_ready(app: FastAPI) -> None:
@@ -117,7 +156,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.alias)
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+        )
+        store = VectorStore(
+            settings.milvus_uri,
+            settings.milvus_token,
+            settings.alias,
+            lite_process=settings.lite_process,
+        )
         metrics: ServiceMetrics = app.state.metrics
         app.state.store = store
         app.state.holder = PairHolder(store, settings, on_batch=metrics.observe_batch)
@@ -149,16 +196,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_refuse=lambda: app.state.metrics.errors.labels("upload_too_large").inc(),
     )
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics = app.state.metrics
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(path, request.method).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(Measure, metrics=lambda: app.state.metrics)
     app.include_router(router)
     return app

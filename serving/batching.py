@@ -3,8 +3,10 @@
 A model embeds a batch of 8 images in far less than 8 times the time of one, so concurrent
 requests are worth grouping. :class:`MicroBatcher` queues each request's image; one background
 task takes up to ``max_batch`` of them, waiting at most ``max_wait_ms`` after the oldest one
-arrived, and runs the embedding function on the whole batch in a worker thread, one batch at a
-time, so the event loop keeps accepting requests meanwhile. :class:`EmbeddingCache` answers
+arrived, and runs the embedding function on the whole batch in a worker thread, so the event
+loop keeps accepting requests meanwhile. With ``workers`` > 1, that many batches run at once:
+on a CPU with torch at one thread, two forwards use two cores, and the next batch forms while
+the previous one is still embedding. :class:`EmbeddingCache` answers
 repeated uploads of the same bytes without running the model at all.
 """
 
@@ -44,10 +46,11 @@ class MicroBatcher:
 
     Args:
         embed_fn: Embeds a list of images as one batch, returning ``[len(images), dim]``; it
-            runs in a worker thread, never two calls at once.
+            runs in a worker thread, at most ``workers`` calls at once.
         max_batch: Most images per call of ``embed_fn``.
         max_wait_ms: Longest time the oldest queued request waits for others to join its
             batch; 0 batches only what is already queued.
+        workers: Batches embedded at the same time (threads calling ``embed_fn``).
         on_batch: Called after each call of ``embed_fn`` (successful or not) with the batch
             size and the seconds the call took, e.g. to feed Prometheus histograms. Errors it
             raises are logged and ignored.
@@ -59,11 +62,14 @@ class MicroBatcher:
         max_batch: int = 16,
         max_wait_ms: float = 5.0,
         on_batch: BatchCallback | None = None,
+        workers: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must not be negative, got {max_wait_ms}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.embed_fn = embed_fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -72,9 +78,11 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        # The model's own thread: forwards never queue behind decodes and searches, which
+        self.workers = workers
+        self._in_flight: set[asyncio.Task[None]] = set()
+        # The model's own threads: forwards never queue behind decodes and searches, which
         # share the event loop's default executor.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed")
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embed")
 
     @property
     def queue_depth(self) -> int:
@@ -138,12 +146,21 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         """Form and embed batches until closed; queued requests never outlive this task."""
+        free = asyncio.Semaphore(self.workers)
         try:
             while not self._closed:
+                await free.acquire()  # a worker is free: form the next batch for it
                 batch = await self._next_batch()
-                if batch:
-                    await self._embed_batch(batch)
+                if not batch:
+                    free.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._embed_batch(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                task.add_done_callback(lambda _: free.release())
         finally:
+            if self._in_flight:  # batches already handed to a worker complete
+                await asyncio.gather(*self._in_flight, return_exceptions=True)
             self._fail_pending()
 
     async def _next_batch(self) -> list[_Request]:

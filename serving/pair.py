@@ -18,6 +18,7 @@ from typing import Any
 from serving.batching import EmbeddingCache, MicroBatcher
 from serving.canary import DriftMonitor
 from serving.embedder import Embedder
+from serving.settings import embed_workers
 from serving.store import IndexSpec, VectorStore, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class PairHolder:
         if not package:
             raise LookupError(f"collection {target} does not record the model that built it")
         s = self.settings
-        embedder = await asyncio.to_thread(Embedder, package, s.device, s.threads)
+        embedder = await asyncio.to_thread(Embedder, package, s.device, s.threads, s.torchscript)
         if embedder.dim != int(metadata.get("dim", embedder.dim)):
             raise LookupError(
                 f"model {package} embeds in {embedder.dim} dimensions but collection {target} "
@@ -121,7 +122,11 @@ class PairHolder:
             )
         await asyncio.to_thread(embedder.warm_up)
         batcher = MicroBatcher(
-            embedder.embed_images, s.max_batch, s.max_wait_ms, on_batch=self.on_batch
+            embedder.embed_images,
+            s.max_batch,
+            s.max_wait_ms,
+            on_batch=self.on_batch,
+            workers=embed_workers(s),
         )
         return ServingPair(
             embedder=embedder,

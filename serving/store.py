@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.lite_process import LiteProcess, LiteProcessError
+
 log = logging.getLogger(__name__)
 
 COLLECTION_PREFIX = "vitrine_"
@@ -44,8 +46,11 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 # a client keeps the file lock (and the data open) until the process exits. Count the clients
 # this process opened on each path and stop its server when the last one is closed, so that
 # ``forget``/``close`` really release the file for another process (the index step, a rollback).
+# A store with ``lite_process=True`` serves each path from a child process instead
+# (serving/lite_process.py), counted the same way.
 _LITE_LOCK = threading.Lock()
 _LITE_OPEN: dict[str, int] = {}
+_LITE_CHILDREN: dict[str, LiteProcess] = {}
 # Lite builds an index inside load_collection. pymilvus' default wait after create_index asks
 # for a timestamp Lite does not implement (an error logged by its server), then sleeps 0.5 s.
 _NO_WAIT = {"sync": False}
@@ -160,10 +165,19 @@ class VectorStore:
         token: Server credentials (``user:password`` or an API key); unused by Lite.
         alias: The alias the service reads from.
         timeout: Seconds a server call may take before the store is reported unavailable.
+        lite_process: Milvus Lite only: run each database in a child process
+            (:class:`~serving.lite_process.LiteProcess`) rather than on threads of this one, so
+            that its searches do not compete with this process for Python's lock. The service
+            does; one-shot commands (the index step) need not.
     """
 
     def __init__(
-        self, uri: str, token: str = "", alias: str = DEFAULT_ALIAS, timeout: float = 10.0
+        self,
+        uri: str,
+        token: str = "",
+        alias: str = DEFAULT_ALIAS,
+        timeout: float = 10.0,
+        lite_process: bool = False,
     ):
         if not _NAME.match(alias):
             raise ValueError(f"alias {alias!r} must be letters, digits and underscores")
@@ -173,6 +187,7 @@ class VectorStore:
         self.timeout = timeout
         self.build_timeout = 3600  # raised to IndexConfig.build_timeout_s by build_index
         self.embedded = is_embedded(self.uri)
+        self.lite_process = lite_process and self.embedded
         self.folder = Path(self.uri).with_suffix("") if self.embedded else None
         self._clients: dict[str, Any] = {}
         self._lite_paths: dict[str, str] = {}  # collection -> the .db path its client holds
@@ -194,7 +209,7 @@ class VectorStore:
                         self.folder.mkdir(parents=True, exist_ok=True)
                         path = os.path.abspath(self.folder / f"{collection}.db")
                         with _LITE_LOCK:
-                            self._clients[key] = MilvusClient(path)
+                            self._clients[key] = MilvusClient(self._lite_uri(path))
                             _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
                         self._lite_paths[key] = path
                     else:
@@ -207,6 +222,27 @@ class VectorStore:
                     raise StoreUnavailable(f"cannot reach Milvus at {self.uri}: {err}") from err
             return self._clients[key]
 
+    def _lite_uri(self, path: str) -> str:
+        """What ``MilvusClient`` opens for a Lite database: the path itself (Lite on threads of
+        this process), or the URI of the child process serving it. Call under ``_LITE_LOCK``.
+        """
+        child = _LITE_CHILDREN.get(path)
+        if child is not None and child.alive():
+            return child.uri
+        if child is not None:  # it died (killed, crashed): start another
+            log.warning("the Milvus Lite process for %s is gone; starting another", path)
+            child.stop()
+            _LITE_CHILDREN.pop(path, None)
+        if not self.lite_process or _LITE_OPEN.get(path):
+            return path  # already open on threads here: a child could not take the lock
+        try:
+            child = LiteProcess(path)
+        except LiteProcessError as err:
+            raise StoreUnavailable(str(err)) from err
+        _LITE_CHILDREN[path] = child
+        log.info("Milvus Lite for %s runs in process %d (%s)", path, child.pid, child.uri)
+        return child.uri
+
     def _call(self, collection: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a client method, turning connection failures into StoreUnavailable.
 
@@ -214,7 +250,7 @@ class VectorStore:
         connection): ``timeout`` for what answers a request, ``build_timeout`` for calls that
         move or index data. A frozen server then costs a request seconds, not minutes.
         """
-        if not self.embedded:
+        if not self.embedded or self.lite_process:  # a child process can hang like a server
             limit = self.build_timeout if method in _SLOW_CALLS else self.timeout
             kwargs.setdefault("timeout", limit)
         try:
@@ -551,6 +587,10 @@ def _release_lite(path: str, force: bool = False) -> None:
             _LITE_OPEN[path] = left
             return
         _LITE_OPEN.pop(path, None)
+        child = _LITE_CHILDREN.pop(path, None)
+        if child is not None:
+            child.stop()
+            return
         try:
             from milvus_lite.server_manager import server_manager_instance
         except ImportError:  # no Lite installed: nothing of ours to stop

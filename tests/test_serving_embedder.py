@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from model.package import (
 )
 from serving.batching import EmbeddingCache, MicroBatcher, digest
 from serving.embedder import Embedder
+from serving.settings import Settings, embed_workers
 from tests.conftest import TINY_BACKBONE
 
 DIM = 24
@@ -128,6 +130,40 @@ def test_embedder_sets_threads(package: Path) -> None:
         torch.set_num_threads(before)
 
 
+def test_on_the_cpu_it_serves_a_frozen_torchscript_model(
+    embedder: Embedder, package: Path, photos: list[Path]
+) -> None:
+    eager = Embedder(package, compile=False)
+    assert embedder.runtime == "torchscript" and eager.runtime == "eager"
+    images = _open(photos)
+    np.testing.assert_allclose(embedder.embed_images(images), eager.embed_images(images), atol=1e-5)
+
+
+def test_a_model_that_does_not_trace_is_served_eagerly(
+    package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this backbone has data-dependent control flow")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level("WARNING", logger="serving.embedder"):
+        fallback = Embedder(package)
+    assert fallback.runtime == "eager"
+    assert "data-dependent control flow" in caplog.text
+    images = _open(photos[:4])
+    reference = Embedder(package, compile=False).embed_images(images)
+    np.testing.assert_allclose(fallback.embed_images(images), reference, atol=1e-6)
+
+
+def test_embed_workers_default_to_cores_per_torch_thread() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert embed_workers(Settings(threads=1)) == cores
+    assert embed_workers(Settings(threads=cores)) == 1
+    assert embed_workers(Settings(threads=None)) == 1  # torch takes every core itself
+    assert embed_workers(Settings(device="cuda", threads=1)) == 1
+    assert embed_workers(Settings(embed_workers=3)) == 3
+
+
 def test_bad_package_raises_model_package_error(tmp_path: Path) -> None:
     with pytest.raises(ModelPackageError, match=r"no config\.json"):
         Embedder(tmp_path)
@@ -163,6 +199,36 @@ def test_micro_batcher_batches_concurrent_requests(embedder: Embedder, photos: l
 
 def _identity_embed(batch: list[float]) -> np.ndarray:
     return np.array([[value, 1.0] for value in batch], dtype=np.float32)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_embed_that_many_batches_at_once(workers: int) -> None:
+    """Each call waits for a second one to be running: only two workers let both finish."""
+    together = threading.Barrier(2, timeout=2.0)
+
+    def embed_fn(batch: list[float]) -> np.ndarray:
+        together.wait()
+        return _identity_embed(batch)
+
+    async def main() -> list:
+        batcher = MicroBatcher(embed_fn, max_batch=1, max_wait_ms=0, workers=workers)
+        try:
+            return await asyncio.gather(
+                *(batcher.embed(float(i)) for i in range(4)), return_exceptions=True
+            )
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(main())
+    if workers == 2:
+        assert [row[0] for row in results] == [0.0, 1.0, 2.0, 3.0]
+    else:
+        assert all(isinstance(result, threading.BrokenBarrierError) for result in results)
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(_identity_embed, workers=0)
 
 
 def test_max_wait_bounds_the_latency_of_a_lone_request() -> None:

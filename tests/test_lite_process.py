@@ -1,0 +1,150 @@
+"""Milvus Lite in a child process (serving/lite_process.py), as the search service runs it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.lite_process import LiteProcess, LiteProcessError
+from serving.store import (
+    COLLECTION_PREFIX,
+    IndexConfig,
+    StoreUnavailable,
+    VectorStore,
+    choose_index,
+)
+from tests.test_store import DIM, _clustered, _locked, _rows
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock, signals")
+NAME = f"{COLLECTION_PREFIX}20240601T000000000000_child"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _build(folder: Path, lite_process: bool, vectors: np.ndarray) -> VectorStore:
+    store = VectorStore(str(folder), lite_process=lite_process)
+    store.create_collection(NAME, DIM)
+    store.insert(NAME, _rows(vectors))
+    store.build_index(NAME, IndexConfig())
+    return store
+
+
+def _spec():
+    return choose_index(True, IndexConfig())
+
+
+def _child_pids() -> set[int]:
+    """Processes started as ``python -m serving.lite_process`` that are still running."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = status.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serving.lite_process" in command:
+            found.add(int(status.parent.name))
+    return found
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid not in _child_pids():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_child_process_serves_what_threads_would(tmp_path: Path) -> None:
+    """Same data, same searches, same answers; the child holds the lock and lets it go."""
+    vectors = _clustered(300, seed=5)
+    threads = _build(tmp_path / "threads", False, vectors)
+    before = _child_pids()
+    child = _build(tmp_path / "child", True, vectors)
+    try:
+        started = _child_pids() - before
+        assert len(started) == 1, "one child process per open database"
+        spec = _spec()
+        expected = threads.search(NAME, vectors[:20], 10, spec, 'category == "mugs"')
+        got = child.search(NAME, vectors[:20], 10, spec, 'category == "mugs"')
+        assert [[h["image_id"] for h in hits] for hits in got] == [
+            [h["image_id"] for h in hits] for hits in expected
+        ]
+        assert got[0][0]["colour"] in ("red", "green", "blue")  # dynamic fields come back
+        assert child.count(NAME) == 300 and child.ping(NAME)
+        assert _locked(tmp_path / "child" / f"{NAME}.db")
+    finally:
+        child.close()
+        threads.close()
+    assert _wait_gone(started.pop())
+    assert not _locked(tmp_path / "child" / f"{NAME}.db")
+    reopened = VectorStore(str(tmp_path / "child"))  # on threads, after the child let go
+    reopened.load(NAME)
+    assert reopened.count(NAME) == 300
+    reopened.close()
+
+
+def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> None:
+    """The service answers 503 for the call that finds the child dead, then serves again."""
+    store = _build(tmp_path / "milvus", True, _clustered(100, seed=6))
+    try:
+        (pid,) = [p for p in _child_pids() if _opens(p, tmp_path)]
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(pid)
+        with pytest.raises(StoreUnavailable):
+            store.count(NAME)
+        store.load(NAME)  # a new child; Lite needs the load after a reopen
+        assert store.count(NAME) == 100
+        assert any(_opens(p, tmp_path) for p in _child_pids())
+    finally:
+        store.close()
+
+
+def _opens(pid: int, folder: Path) -> bool:
+    try:
+        return str(folder).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_the_child_dies_with_its_parent_and_unlocks_the_file(tmp_path: Path) -> None:
+    """A SIGKILLed service must not leave its database locked behind it."""
+    _build(tmp_path / "milvus", False, _clustered(50, seed=7)).close()
+    database = tmp_path / "milvus" / f"{NAME}.db"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from serving.lite_process import LiteProcess
+        child = LiteProcess({str(database)!r})
+        print(child.pid, flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    parent = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    pid = int(parent.stdout.split()[0])
+    assert _wait_gone(pid), "the child outlived its parent"
+    assert not _locked(database)
+
+
+def test_a_database_held_elsewhere_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    _build(tmp_path / "milvus", False, _clustered(50, seed=8)).close()
+    database = tmp_path / "milvus" / f"{NAME}.db"
+    with (database / "LOCK").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process's Lite would
+        with pytest.raises(LiteProcessError, match=r"could not open .*: \w+"):
+            LiteProcess(database)
+        store = VectorStore(str(tmp_path / "milvus"), lite_process=True)
+        with pytest.raises(StoreUnavailable, match="could not open"):
+            store.count(NAME)
+        store.close()
