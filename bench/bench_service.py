@@ -30,12 +30,17 @@ its own, so nothing it leaves behind (threads, clients) runs beside the timed co
 Torch threads: 1 by default, on both sides (`Settings.threads` for the service). On the
 2-core target the second core is then free for what runs beside the forward (the event loop,
 decoding, the Milvus Lite process, the load generator), and two OpenMP threads on a shared
-2-core machine stall on each other whenever one is descheduled. `--threads 2` measures the
-other choice. Like the `vitrine` script, it runs with the tuned allocator settings
-(components/runtime.py). Goals: service p50 at 1 client <= 1.10x the bare p50; at 16 clients
->= 2x the one-client throughput.
+2-core machine stall on each other whenever one is descheduled; the service then runs two
+model threads (`Settings.embed_workers`: cores / torch threads). `--threads 2` measures the
+other choice, which `vitrine serve` makes when not given `--threads` (torch's default, one
+thread per core, and one model thread): lower throughput at 1 client, higher at 16. Both
+sides embed with the same runtime (TorchScript unless `--eager`) and search the same kind of
+Lite (a child process unless `--lite-threads`). Like the `vitrine` script, it runs with the
+tuned allocator settings (components/runtime.py). Goals: service p50 at 1 client <= 1.10x the
+bare p50; at 16 clients >= 2x the one-client throughput.
 
     python bench/bench_service.py [--seconds 5] [--rounds 3] [--clients 1,4,16] [--json PATH]
+                                  [--threads 1] [--embed-workers N] [--eager] [--lite-threads]
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _LITE_LOCK = threading.Lock()
 _LITE_OPEN: dict[str, int] = {}
 _LITE_CHILDREN: dict[str, LiteProcess] = {}
+# Paths whose child process died under a client: the next one must load the collection again
+# (a Milvus server reloads its collections after a restart; Lite leaves that to its client).
+_LITE_DIED: set[str] = set()
 # Lite builds an index inside load_collection. pymilvus' default wait after create_index asks
 # for a timestamp Lite does not implement (an error logged by its server), then sleeps 0.5 s.
 _NO_WAIT = {"sync": False}
@@ -209,9 +212,15 @@ class VectorStore:
                         self.folder.mkdir(parents=True, exist_ok=True)
                         path = os.path.abspath(self.folder / f"{collection}.db")
                         with _LITE_LOCK:
-                            self._clients[key] = MilvusClient(self._lite_uri(path))
+                            client = MilvusClient(self._lite_uri(path))
+                            self._clients[key] = client
                             _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
+                            revived = path in _LITE_DIED
+                            _LITE_DIED.discard(path)
                         self._lite_paths[key] = path
+                        if revived and client.has_collection(collection):
+                            log.warning("reloading %s in its new Milvus Lite process", collection)
+                            client.load_collection(collection)
                     else:
                         self._clients[key] = MilvusClient(
                             self.uri, token=self.token, timeout=self.timeout
@@ -233,7 +242,8 @@ class VectorStore:
             log.warning("the Milvus Lite process for %s is gone; starting another", path)
             child.stop()
             _LITE_CHILDREN.pop(path, None)
-        if not self.lite_process or _LITE_OPEN.get(path):
+            _LITE_DIED.add(path)
+        elif not self.lite_process or _LITE_OPEN.get(path):
             return path  # already open on threads here: a child could not take the lock
         try:
             child = LiteProcess(path)
@@ -589,6 +599,8 @@ def _release_lite(path: str, force: bool = False) -> None:
         _LITE_OPEN.pop(path, None)
         child = _LITE_CHILDREN.pop(path, None)
         if child is not None:
+            if not child.alive():
+                _LITE_DIED.add(path)
             child.stop()
             return
         try:

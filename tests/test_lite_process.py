@@ -101,8 +101,11 @@ def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> Non
         assert _wait_gone(pid)
         with pytest.raises(StoreUnavailable):
             store.count(NAME)
-        store.load(NAME)  # a new child; Lite needs the load after a reopen
+        # A new child, and the collection loaded in it again (Lite leaves that to the client).
         assert store.count(NAME) == 100
+        assert store.search(NAME, _clustered(100, seed=6)[:1], 1, _spec())[0][0]["image_id"] == (
+            "img00000"
+        )
         assert any(_opens(p, tmp_path) for p in _child_pids())
     finally:
         store.close()

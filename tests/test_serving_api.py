@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -474,6 +476,46 @@ def test_not_ready_until_a_build_appears(world: World) -> None:
         body = _wait_ready(client, timeout=20)
         assert body["collection"] == built["collection"]
         _assert_good_search(client, world)
+
+
+def test_a_killed_lite_process_is_503_then_searches_come_back(world: World) -> None:
+    """Milvus Lite runs in a child process of the service: if it dies, the request that finds
+    it gone is 503, and the next ones start another and are answered, no restart needed."""
+    folder = world.root / "killed_milvus"
+    _build(world, world.packages["a"], folder)
+    with TestClient(create_app(world.settings(milvus_uri=str(folder)))) as client:
+        _wait_ready(client)
+        _assert_good_search(client, world)
+        children = [pid for pid in _lite_children() if str(folder) in _cmdline(pid)]
+        assert len(children) == 1, "the served collection has one Lite process"
+        os.kill(children[0], signal.SIGKILL)
+        os.waitpid(children[0], 0)  # reaped here: the test process is its parent
+        _error(_search(client, world.photo("P00004")), 503, "milvus_unavailable")
+        deadline = time.monotonic() + 30
+        while _search(client, world.photo("P00004")).status_code != 200:
+            assert time.monotonic() < deadline, "searches did not come back"
+            time.sleep(0.1)
+        _assert_good_search(client, world)
+        assert [pid for pid in _lite_children() if str(folder) in _cmdline(pid)] != children
+
+
+def _lite_children() -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if b"serving.lite_process" in _read(cmdline):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    return _read(Path(f"/proc/{pid}/cmdline")).decode(errors="replace")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 # --- rollout ------------------------------------------------------------------------------
