@@ -49,13 +49,11 @@ class LiteProcess:
 
     def __init__(self, path: str | Path, timeout: float = START_TIMEOUT_S) -> None:
         self.path = os.path.abspath(path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._process = subprocess.Popen(
             [sys.executable, "-m", "serving.lite_process", self.path],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE,  # the child flushes its one line, the port
             stderr=subprocess.PIPE,
-            env=env,
             cwd=Path(__file__).resolve().parents[1],  # so that ``serving`` is importable
         )
         self.pid = self._process.pid

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from components.catalog.image_checks import available_cpus
 
 
 class Settings(BaseSettings):
@@ -74,8 +75,7 @@ def embed_workers(settings: Settings) -> int:
         return settings.embed_workers
     if not settings.device.startswith("cpu"):
         return 1  # one accelerator runs one forward at a time anyway
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = available_cpus()
     return max(1, cores // (settings.threads or cores))
 
 

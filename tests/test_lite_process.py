@@ -41,23 +41,26 @@ def _spec():
     return choose_index(True, IndexConfig())
 
 
-def _child_pids() -> set[int]:
-    """Processes started as ``python -m serving.lite_process`` that are still running."""
+def lite_pids(folder: Path | None = None) -> set[int]:
+    """Running ``python -m serving.lite_process`` processes (serving a database under
+    ``folder``, if given)."""
     found = set()
-    for status in Path("/proc").glob("[0-9]*/cmdline"):
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            command = status.read_bytes().split(b"\0")
-        except OSError:
+            command = cmdline.read_bytes()
+        except OSError:  # it exited meanwhile
             continue
-        if b"serving.lite_process" in command:
-            found.add(int(status.parent.name))
+        if b"serving.lite_process" in command.split(b"\0") and (
+            folder is None or str(folder).encode() in command
+        ):
+            found.add(int(cmdline.parent.name))
     return found
 
 
 def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid not in _child_pids():
+        if pid not in lite_pids():
             return True
         time.sleep(0.1)
     return False
@@ -67,10 +70,10 @@ def test_a_child_process_serves_what_threads_would(tmp_path: Path) -> None:
     """Same data, same searches, same answers; the child holds the lock and lets it go."""
     vectors = _clustered(300, seed=5)
     threads = _build(tmp_path / "threads", False, vectors)
-    before = _child_pids()
+    before = lite_pids()
     child = _build(tmp_path / "child", True, vectors)
     try:
-        started = _child_pids() - before
+        started = lite_pids() - before
         assert len(started) == 1, "one child process per open database"
         spec = _spec()
         expected = threads.search(NAME, vectors[:20], 10, spec, 'category == "mugs"')
@@ -96,7 +99,7 @@ def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> Non
     """The service answers 503 for the call that finds the child dead, then serves again."""
     store = _build(tmp_path / "milvus", True, _clustered(100, seed=6))
     try:
-        (pid,) = [p for p in _child_pids() if _opens(p, tmp_path)]
+        (pid,) = lite_pids(tmp_path)
         os.kill(pid, signal.SIGKILL)
         assert _wait_gone(pid)
         with pytest.raises(StoreUnavailable):
@@ -106,16 +109,9 @@ def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> Non
         assert store.search(NAME, _clustered(100, seed=6)[:1], 1, _spec())[0][0]["image_id"] == (
             "img00000"
         )
-        assert any(_opens(p, tmp_path) for p in _child_pids())
+        assert lite_pids(tmp_path)
     finally:
         store.close()
-
-
-def _opens(pid: int, folder: Path) -> bool:
-    try:
-        return str(folder).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def test_the_child_dies_with_its_parent_and_unlocks_the_file(tmp_path: Path) -> None:

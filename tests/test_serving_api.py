@@ -35,6 +35,7 @@ from serving.settings import Settings
 from serving.store import VectorStore
 from tests.conftest import TINY_BACKBONE
 from tests.live_server import serve_in_thread
+from tests.test_lite_process import lite_pids
 
 TOKEN = "t0ken"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -486,36 +487,18 @@ def test_a_killed_lite_process_is_503_then_searches_come_back(world: World) -> N
     with TestClient(create_app(world.settings(milvus_uri=str(folder)))) as client:
         _wait_ready(client)
         _assert_good_search(client, world)
-        children = [pid for pid in _lite_children() if str(folder) in _cmdline(pid)]
+        children = lite_pids(folder)
         assert len(children) == 1, "the served collection has one Lite process"
-        os.kill(children[0], signal.SIGKILL)
-        os.waitpid(children[0], 0)  # reaped here: the test process is its parent
+        (child,) = children
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)  # reaped here: the test process is its parent
         _error(_search(client, world.photo("P00004")), 503, "milvus_unavailable")
         deadline = time.monotonic() + 30
         while _search(client, world.photo("P00004")).status_code != 200:
             assert time.monotonic() < deadline, "searches did not come back"
             time.sleep(0.1)
         _assert_good_search(client, world)
-        assert [pid for pid in _lite_children() if str(folder) in _cmdline(pid)] != children
-
-
-def _lite_children() -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        if b"serving.lite_process" in _read(cmdline):
-            found.append(int(cmdline.parent.name))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    return _read(Path(f"/proc/{pid}/cmdline")).decode(errors="replace")
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
+        assert lite_pids(folder) - children, "another Lite process serves it now"
 
 
 # --- rollout ------------------------------------------------------------------------------
