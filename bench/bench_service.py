@@ -16,10 +16,13 @@ generator still shares the CPU cores, as any client on the same host would). Mil
 one process open a database, so the service gets its own copy of the built collection. Both
 sides run Lite as the service does by default (`Settings.lite_process`): in a child process
 serving the database on a loopback port, so its searches do not compete for the GIL of the
-process that asks; the service's CPU figure includes that child. The load generator is httpx
-(asyncio): N clients, each sending POST /v1/search/image back to back for a fixed time (or
-a fixed number of requests). The service's query-embedding cache is disabled (`cache_size=0`)
-and every request sends a different photo anyway, so every request is decoded and embedded.
+process that asks; the service's CPU figure includes that child. The load generator
+(bench/http_client.py) is a lean keep-alive HTTP/1.1 client on asyncio streams, each request's
+multipart bytes built before timing, as wrk-style load generators do (httpx spent about 1.4 ms
+of its own per request, which this bench would have charged to the service): N clients, each
+sending POST /v1/search/image back to back for a fixed time (or a fixed number of requests).
+The service's query-embedding cache is disabled (`cache_size=0`) and every request sends a
+different photo anyway, so every request is decoded and embedded.
 Batch sizes come from the service's /metrics.
 
 Bare and service phases alternate, in reverse order every other round (ABBA), so a drift in
@@ -33,7 +36,8 @@ decoding, the Milvus Lite process, the load generator), and two OpenMP threads o
 2-core machine stall on each other whenever one is descheduled; the service then runs two
 model threads (`Settings.embed_workers`: cores / torch threads). `--threads 2` measures the
 other choice, which `vitrine serve` makes when not given `--threads` (torch's default, one
-thread per core, and one model thread): lower throughput at 1 client, higher at 16. Both
+thread per core, and one model thread): a faster forward at 1 client, but its OpenMP threads
+spin between parallel regions and leave less CPU to the rest under load. Both
 sides embed with the same runtime (TorchScript unless `--eager`) and search the same kind of
 Lite (a child process unless `--lite-threads`). Like the `vitrine` script, it runs with the
 tuned allocator settings (components/runtime.py). Goals: service p50 at 1 client <= 1.10x the
@@ -351,15 +355,16 @@ class Service:
 
 async def _load(
     url: str,
-    photos: list[bytes],
+    requests_bytes: list[bytes],
     clients: int,
     seconds: float,
     requests: int | None,
     counter: itertools.count,
 ) -> dict[str, Any]:
     """``clients`` closed-loop clients posting photos until the time (or the count) is up."""
-    import httpx
+    from bench.http_client import Connection
 
+    host, port = url.removeprefix("http://").split(":")
     latencies: list[float] = []
     handler: list[float] = []  # client latency minus the route's own took_ms
     failures: list[str] = []
@@ -373,29 +378,29 @@ async def _load(
             return issued <= requests
         return time.perf_counter() - started < seconds
 
-    async def client(http: httpx.AsyncClient) -> None:
-        while more():
-            data = photos[next(counter) % len(photos)]
-            tick = time.perf_counter()
-            try:
-                answer = await http.post(
-                    SEARCH_PATH, files={"image": ("query.jpg", data, "image/jpeg")}
-                )
-                latency = time.perf_counter() - tick
-                body = answer.json() if answer.status_code == 200 else {}
-                ok = bool(body.get("results"))
-                reason = f"HTTP {answer.status_code}: {answer.text[:200]}"
-            except httpx.HTTPError as err:
-                ok, reason = False, f"{type(err).__name__}: {err}"
-            if ok:
-                latencies.append(latency)
-                handler.append(latency - body["took_ms"] / 1000)
-            else:
-                failures.append(reason)
+    async def client() -> None:
+        connection = Connection(host, int(port))
+        try:
+            while more():
+                request = requests_bytes[next(counter) % len(requests_bytes)]
+                tick = time.perf_counter()
+                try:
+                    answer = await connection.send(request)
+                    latency = time.perf_counter() - tick
+                    body = json.loads(answer.body) if answer.status == 200 else {}
+                    ok = bool(body.get("results"))
+                    reason = f"HTTP {answer.status}: {answer.body[:200]!r}"
+                except (ConnectionError, ValueError) as err:
+                    ok, reason = False, f"{type(err).__name__}: {err}"
+                if ok:
+                    latencies.append(latency)
+                    handler.append(latency - body["took_ms"] / 1000)
+                else:
+                    failures.append(reason)
+        finally:
+            await connection.close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     return {
         "latencies": latencies,
         "outside_handler": float(np.sum(handler)),
@@ -405,11 +410,11 @@ async def _load(
     }
 
 
-def load(service: Service, photos: list[bytes], clients: int, seconds: float, requests, counter):
+def load(service: Service, prepared: list[bytes], clients: int, seconds: float, requests, counter):
     """One load phase, with the service's metrics and both processes' CPU around it."""
     before, cpu_server = service.metrics(), service.cpu_seconds()
     cpu_client = _own_cpu()
-    result = asyncio.run(_load(service.url, photos, clients, seconds, requests, counter))
+    result = asyncio.run(_load(service.url, prepared, clients, seconds, requests, counter))
     result["cpu_client"] = _own_cpu() - cpu_client
     result["cpu_server"] = service.cpu_seconds() - cpu_server
     result["metrics"] = _diff(service.metrics(), before)
@@ -472,6 +477,9 @@ def stage_means(metrics: dict) -> dict[str, float]:
             count = metrics.get(("vitrine_stage_seconds_count", labels), 0.0)
             if count:
                 out[stage] = 1000 * value / count
+    forwards = metrics.get(("vitrine_embed_forward_seconds_count", ()), 0.0)
+    if forwards:  # the model call alone, per pass (a pass may embed several requests)
+        out["forward pass"] = 1000 * metrics[("vitrine_embed_forward_seconds_sum", ())] / forwards
     return out
 
 
@@ -531,6 +539,7 @@ def fmt(value: float) -> str:
 
 
 def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
+    from bench.http_client import multipart_post
     from serving.search import HITS_PER_RESULT, MAX_FETCH
     from serving.settings import Settings
 
@@ -553,6 +562,11 @@ def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
             + ", ".join(f"{k} {v:.1f} s" for k, v in setup["seconds"].items())
         )
         service = Service(setup["service_uri"], args, tmp)
+        host = service.url.removeprefix("http://")
+        prepared = [
+            multipart_post(host, SEARCH_PATH, "image", "query.jpg", data, "image/jpeg")
+            for data in photos
+        ]
         try:
             tick = time.perf_counter()
             bare = BarePath(setup, args, depth, top_k)
@@ -569,7 +583,7 @@ def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
             bare.serial(0, 10)
             bare.batched(batch, 0, 2 * batch)
             for n in clients:
-                warm = load(service, photos, n, 0, 3 * n, counter)
+                warm = load(service, prepared, n, 0, 3 * n, counter)
                 if warm["errors"]:
                     raise RuntimeError(f"warm-up at {n} clients failed: {warm['first_error']}")
 
@@ -577,7 +591,9 @@ def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
             blocks: dict[str, Callable[[], dict[str, Any]]] = {
                 "bare": lambda: bare.serial(seconds, requests),
                 **{
-                    f"service {n}": lambda n=n: load(service, photos, n, seconds, requests, counter)
+                    f"service {n}": lambda n=n: load(
+                        service, prepared, n, seconds, requests, counter
+                    )
                     for n in clients
                 },
                 f"bare batched x{batch}": lambda: bare.batched(batch, seconds, requests),

@@ -1,4 +1,8 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the routes stay short."""
+"""FastAPI dependencies as ``Annotated`` aliases: the routes stay short.
+
+They are ``async def`` although none of them awaits: FastAPI runs a plain ``def`` dependency
+on a worker thread, one hand-off per dependency per request (about 0.1 ms each under load).
+"""
 
 from __future__ import annotations
 
@@ -14,23 +18,23 @@ from serving.settings import Settings
 from serving.store import VectorStore
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _holder(request: Request) -> PairHolder:
+async def _holder(request: Request) -> PairHolder:
     return request.app.state.holder
 
 
-def _store(request: Request) -> VectorStore:
+async def _store(request: Request) -> VectorStore:
     return request.app.state.store
 
 
-def _metrics(request: Request) -> ServiceMetrics:
+async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def _admin(
+async def _admin(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_admin_token: Annotated[str | None, Header()] = None,

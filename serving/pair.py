@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,19 +115,30 @@ class PairHolder:
         if not package:
             raise LookupError(f"collection {target} does not record the model that built it")
         s = self.settings
-        embedder = await asyncio.to_thread(Embedder, package, s.device, s.threads, s.torchscript)
-        if embedder.dim != int(metadata.get("dim", embedder.dim)):
-            raise LookupError(
-                f"model {package} embeds in {embedder.dim} dimensions but collection {target} "
-                f"holds {metadata.get('dim')}"
+        workers = embed_workers(s)
+        # Loaded, warmed and run on the same threads (see MicroBatcher.executor).
+        model_threads = ThreadPoolExecutor(workers, thread_name_prefix="embed")
+        loop = asyncio.get_running_loop()
+        try:
+            embedder = await loop.run_in_executor(
+                model_threads, Embedder, package, s.device, s.threads, s.torchscript
             )
-        await asyncio.to_thread(embedder.warm_up)
+            if embedder.dim != int(metadata.get("dim", embedder.dim)):
+                raise LookupError(
+                    f"model {package} embeds in {embedder.dim} dimensions but collection "
+                    f"{target} holds {metadata.get('dim')}"
+                )
+            await loop.run_in_executor(model_threads, embedder.warm_up)
+        except BaseException:
+            model_threads.shutdown(wait=False)
+            raise
         batcher = MicroBatcher(
             embedder.embed_images,
             s.max_batch,
             s.max_wait_ms,
             on_batch=self.on_batch,
-            workers=embed_workers(s),
+            workers=workers,
+            executor=model_threads,
         )
         return ServingPair(
             embedder=embedder,

@@ -107,7 +107,7 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
         )
     _check_content_type(content_type, limits)
     image = _open_header(data)
-    with image:
+    try:  # the image is returned as it is decoded (no copy), so it is closed only if refused
         fmt = canonical_format(image.format)
         width, height = image.size
         if fmt not in limits.formats:
@@ -129,7 +129,10 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
             image.load()
         except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError...
             raise UploadError("corrupt_image", f"the {fmt} image does not decode: {err}") from err
-        return _upright_rgb(image)
+    except BaseException:
+        image.close()
+        raise
+    return _upright_rgb(image)
 
 
 def _check_content_type(content_type: str | None, limits: UploadLimits) -> None:
@@ -166,13 +169,16 @@ def _open_header(data: bytes) -> Image.Image:
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (ignoring unreadable EXIF) and convert to RGB."""
+    """Apply the EXIF orientation (ignoring unreadable EXIF) and convert to RGB.
+
+    Both steps change ``image`` in place or return it as it is when there is nothing to do:
+    each copy would cost about 0.05 ms on a 224 px photo, on every request.
+    """
     try:
-        upright = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as err:  # malformed EXIF: the pixels are fine, keep them as stored
         log.debug("ignoring unreadable EXIF orientation: %s: %s", type(err).__name__, err)
-        upright = image
-    return upright.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _names(formats: tuple[str, ...]) -> str:

@@ -31,6 +31,8 @@ from components.index import IndexBuildConfig, build_index
 from components.validate import validate_catalog
 from model.package import ModelConfig, build_model, package_version, save_package
 from serving.app import ENVELOPE_BYTES, create_app
+from serving.embedder import Embedder
+from serving.routes import SearchResponse
 from serving.settings import Settings
 from serving.store import VectorStore
 from tests.conftest import TINY_BACKBONE
@@ -173,6 +175,7 @@ def _new_product_photo() -> bytes:
 def test_search_by_image_finds_the_photos_product_first(client: TestClient, world: World) -> None:
     info = _ok(client.get("/v1/info"))
     body = _ok(_search(client, world.photo("P00003"), top_k=5))
+    SearchResponse.model_validate(body, strict=True)  # the route serialises it by hand
     results = body["results"]
     assert len(results) == 5
     ids = [r["product_id"] for r in results]
@@ -215,6 +218,7 @@ def test_search_filters_by_category_and_price(client: TestClient, world: World) 
 
 def test_search_by_product_excludes_the_product(client: TestClient, world: World) -> None:
     body = _ok(client.get("/v1/search/product/P00005", params={"top_k": 4}))
+    SearchResponse.model_validate(body, strict=True)
     ids = [hit["product_id"] for hit in body["results"]]
     assert len(ids) == 4 and len(set(ids)) == 4
     assert "P00005" not in ids
@@ -269,6 +273,45 @@ def test_bad_uploads_are_refused_and_the_service_goes_on(
     for data, content_type, status, code in cases:
         _error(_search(client, data, content_type), status, code)
         _assert_good_search(client, world)
+
+
+def test_every_use_of_the_model_runs_on_the_model_thread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading, warm-up, searches and the recall canary: a forward on any other thread would
+    give libgomp a second OpenMP team, and with more threads than cores it stops spinning
+    between parallel regions (forwards about 1.8x slower; see MicroBatcher.executor)."""
+    import serving.pair
+
+    threads: dict[str, set[str]] = {}
+
+    class RecordingEmbedder(Embedder):
+        def __init__(self, *args, **kwargs) -> None:
+            threads.setdefault("load", set()).add(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+        def warm_up(self, *args, **kwargs) -> None:
+            threads.setdefault("warm_up", set()).add(threading.current_thread().name)
+            super().warm_up(*args, **kwargs)
+
+        def embed_images(self, images):
+            threads.setdefault("embed", set()).add(threading.current_thread().name)
+            return super().embed_images(images)
+
+    monkeypatch.setattr(serving.pair, "Embedder", RecordingEmbedder)
+    settings = world.settings(threads=2, embed_workers=1, canary_interval_s=0)
+    torch_threads = torch.get_num_threads()  # process-wide: put back for the other tests
+    try:
+        with TestClient(create_app(settings)) as client:
+            _wait_ready(client)
+            _assert_good_search(client, world)
+            canary = _ok(client.post("/v1/admin/canary", headers=ADMIN))
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert canary["probes"] > 0
+    assert set(threads) == {"load", "warm_up", "embed"}
+    (name,) = set().union(*threads.values())
+    assert name.startswith("embed")
 
 
 def test_invalid_parameters_are_422(client: TestClient, world: World) -> None:
@@ -453,6 +496,8 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
         "/v1/admin/rollout",
     ):
         assert path in paths
+    answer = paths["/v1/search/image"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert answer["schema"] == {"$ref": "#/components/schemas/SearchResponse"}
 
     page = client.get("/")
     assert page.status_code == 200
