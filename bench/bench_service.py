@@ -6,9 +6,10 @@ them by `build_index`. The query photos are fresh shots of the catalogue's produ
 index), one JPEG per request, cycled in order.
 
 The bare path runs in this process: `Embedder.embed_images([image])` on the already decoded
-photo, then `VectorStore.search` at the depth the service asks for and the best hit per
-product, one query at a time; and once more with the forward batched (as many images as the
-largest client count) to show the ceiling that micro-batching can approach.
+photo, then the service's own search function (`serving.search.products_near`: Milvus hits,
+the best per product, fetched deeper only if too few products came back), one query at a
+time; and once more with the forward batched (as many images as the largest client count) to
+show the ceiling that micro-batching can approach.
 
 The service is `create_app(Settings(...))` under a real uvicorn server on 127.0.0.1, in a child
 process so that its event loop and the load generator here do not share a GIL (the load
@@ -163,9 +164,7 @@ def prepare(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 class BarePath:
     """The service's work without the service: forward + search, called directly."""
 
-    def __init__(
-        self, setup: dict[str, Any], args: argparse.Namespace, depth: int, top_k: int
-    ) -> None:
+    def __init__(self, setup: dict[str, Any], args: argparse.Namespace, top_k: int) -> None:
         from serving.embedder import Embedder
         from serving.store import VectorStore, spec_from_dict
         from serving.uploads import UploadLimits, decode_upload
@@ -178,7 +177,6 @@ class BarePath:
         self.store.load(self.collection)
         metadata = self.store.metadata(self.collection)
         self.spec = spec_from_dict(metadata["index"])
-        self.depth = depth
         self.top_k = top_k
         # Decoded exactly as the service decodes uploads, before any timing.
         self.images = [
@@ -188,10 +186,9 @@ class BarePath:
         self._next = itertools.count()
 
     def _search(self, vector: np.ndarray) -> list[dict[str, Any]]:
-        from serving.search import best_per_product
+        from serving.search import products_near
 
-        hits = self.store.search(self.collection, vector[None, :], self.depth, self.spec, "")
-        return best_per_product(hits[0], self.top_k)
+        return products_near(self.store, self.collection, vector, self.top_k, self.spec)
 
     def one(self) -> tuple[float, float]:
         """One query: seconds in the forward and in the search (with grouping)."""
@@ -569,7 +566,7 @@ def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
         ]
         try:
             tick = time.perf_counter()
-            bare = BarePath(setup, args, depth, top_k)
+            bare = BarePath(setup, args, top_k)
             setup["runtime"] = f"model {bare.embedder.runtime}"
             ready = service.wait_ready()
             print(
@@ -630,7 +627,7 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
         f"max_batch {args.max_batch}, embed workers "
         f"{'default' if args.embed_workers is None else args.embed_workers}, max_wait_ms "
         f"{'default' if args.max_wait_ms is None else args.max_wait_ms}, cache_size "
-        f"{args.cache_size}; top_k {result['setup']['top_k']} (search depth "
+        f"{args.cache_size}; top_k {result['setup']['top_k']} (first search depth "
         f"{result['setup']['depth']}); load average now {os.getloadavg()[0]:.2f}"
     )
     header = (

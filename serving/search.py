@@ -11,8 +11,10 @@ import numpy as np
 from serving.pair import ServingPair
 from serving.store import VectorStore, quote
 
-# Hits fetched per product asked for: a product has several photos, results are per product.
-HITS_PER_RESULT = 8
+# Hits fetched per product asked for, at first: a product has several photos and results are
+# per product. A page that fills up without giving enough products is fetched again, deeper.
+# Milvus Lite's search costs about 45 us per hit returned (6.1 ms for 96 hits, 4.0 for 48).
+HITS_PER_RESULT = 4
 MAX_FETCH = 16384
 
 
@@ -71,6 +73,30 @@ def shape_result(hit: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def products_near(
+    store: VectorStore,
+    collection: str,
+    vector: np.ndarray,
+    top_k: int,
+    spec: Any,
+    filter_expr: str = "",
+) -> list[dict[str, Any]]:
+    """The best hit of each of the ``top_k`` products nearest to ``vector``, best first.
+
+    Fetches ``top_k * HITS_PER_RESULT`` hits; while they fill the page but hold fewer than
+    ``top_k`` products (one product's photos crowding the top), fetches again twice as deep,
+    up to ``MAX_FETCH``. Fewer than ``top_k`` results means the collection (or the filter) has
+    no more products.
+    """
+    depth = min(MAX_FETCH, top_k * HITS_PER_RESULT)
+    while True:
+        hits = store.search(collection, vector[None, :], depth, spec, filter_expr)[0]
+        results = best_per_product(hits, top_k)
+        if len(results) == top_k or len(hits) < depth or depth == MAX_FETCH:
+            return results
+        depth = min(MAX_FETCH, 2 * depth)
+
+
 async def search_vector(
     store: VectorStore,
     pair: ServingPair,
@@ -81,12 +107,11 @@ async def search_vector(
 ) -> list[dict[str, Any]]:
     """Search the pair's collection and return ``top_k`` products, best first."""
     started = time.perf_counter()
-    depth = min(MAX_FETCH, top_k * HITS_PER_RESULT)
     hits = await asyncio.to_thread(
-        store.search, pair.collection, vector[None, :], depth, pair.spec, filter_expr
+        products_near, store, pair.collection, vector, top_k, pair.spec, filter_expr
     )
     timings["search"] = time.perf_counter() - started
     started = time.perf_counter()
-    results = [shape_result(hit) for hit in best_per_product(hits[0], top_k)]
+    results = [shape_result(hit) for hit in hits]
     timings["fetch"] = time.perf_counter() - started
     return results

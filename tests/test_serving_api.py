@@ -455,6 +455,31 @@ def test_admin_adds_and_removes_a_product(client: TestClient, world: World) -> N
     _error(_add(client, photo, ADMIN, price="inf"), 422, "invalid_request")
 
 
+def test_a_product_whose_photos_crowd_the_first_page_still_leaves_top_k_products(
+    client: TestClient,
+) -> None:
+    """13 near-identical photos of one product fill the first page (top_k 3 x 4 hits): the
+    search fetches again, deeper, until it has 3 products."""
+    source = Image.open(io.BytesIO(_new_product_photo()))
+    photos = []
+    for quality in range(60, 99, 3):  # 13 encodings: different bytes, about the same picture
+        buffer = io.BytesIO()
+        source.save(buffer, format="JPEG", quality=quality)
+        photos.append(buffer.getvalue())
+    form = {"product_id": "CROWD01", "category": NEW_CATEGORY, "title": "crowd", "price": "1"}
+    try:
+        for number, photo in enumerate(photos):
+            files = {"image": (f"crowd{number}.jpg", photo, "image/jpeg")}
+            added = client.post("/v1/admin/products", files=files, data=form, headers=ADMIN)
+            assert added.status_code == 201, added.text
+        assert len(_ok(client.get("/v1/products/CROWD01"))["images"]) == len(photos)
+        results = _ok(_search(client, photos[0], top_k=3))["results"]
+        ids = [hit["product_id"] for hit in results]
+        assert ids[0] == "CROWD01" and len(set(ids)) == 3
+    finally:
+        client.delete("/v1/admin/products/CROWD01", headers=ADMIN)
+
+
 # --- service endpoints and metrics ---------------------------------------------------------
 
 
