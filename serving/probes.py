@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 CANARY_KS = (1, 10)
-HITS_PER_PRODUCT = 8  # image hits fetched per product asked for, as the service searches
+# Image hits fetched per product asked for: a fixed depth deep enough that the products found
+# are those the service's adaptive search (serving.search.products_near) would answer.
+HITS_PER_PRODUCT = 8
 
 
 def canary_probes(
