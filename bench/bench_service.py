@@ -537,11 +537,11 @@ def fmt(value: float) -> str:
 
 def run(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
     from bench.http_client import multipart_post
-    from serving.search import HITS_PER_RESULT, MAX_FETCH
+    from serving.search import first_depth
     from serving.settings import Settings
 
     top_k = Settings.model_fields["default_top_k"].default
-    depth = min(MAX_FETCH, top_k * HITS_PER_RESULT)
+    depth = first_depth(top_k)
     batch = min(max(clients), args.max_batch)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-service-") as folder:

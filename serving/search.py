@@ -73,6 +73,11 @@ def shape_result(hit: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def first_depth(top_k: int) -> int:
+    """Hits :func:`products_near` fetches first for ``top_k`` products."""
+    return min(MAX_FETCH, top_k * HITS_PER_RESULT)
+
+
 def products_near(
     store: VectorStore,
     collection: str,
@@ -88,7 +93,7 @@ def products_near(
     up to ``MAX_FETCH``. Fewer than ``top_k`` results means the collection (or the filter) has
     no more products.
     """
-    depth = min(MAX_FETCH, top_k * HITS_PER_RESULT)
+    depth = first_depth(top_k)
     while True:
         hits = store.search(collection, vector[None, :], depth, spec, filter_expr)[0]
         results = best_per_product(hits, top_k)
