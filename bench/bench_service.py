@@ -31,14 +31,13 @@ the machine's load weighs on every contender alike, and the per-round numbers sh
 Default: 5 s per phase x 3 rounds, 15 s per contender. The setup runs in a child process of
 its own, so nothing it leaves behind (threads, clients) runs beside the timed code.
 
-Torch threads: 1 by default, on both sides (`Settings.threads` for the service). On the
-2-core target the second core is then free for what runs beside the forward (the event loop,
-decoding, the Milvus Lite process, the load generator), and two OpenMP threads on a shared
-2-core machine stall on each other whenever one is descheduled; the service then runs two
-model threads (`Settings.embed_workers`: cores / torch threads). `--threads 2` measures the
-other choice, which `vitrine serve` makes when not given `--threads` (torch's default, one
-thread per core, and one model thread): a faster forward at 1 client, but its OpenMP threads
-spin between parallel regions and leave less CPU to the rest under load. Both
+Torch threads: 1 by default, on both sides (`Settings.threads` for the service, whose default
+on the CPU is 1 too). On the 2-core target the second core is then free for what runs beside
+the forward (the event loop, decoding, the Milvus Lite process, the load generator), and two
+OpenMP threads on a shared 2-core machine stall on each other whenever one is descheduled;
+the service then runs two model threads (`Settings.embed_workers`: cores / torch threads).
+`--threads 2` measures the other choice (one thread per core, one model thread): its OpenMP
+threads spin between parallel regions and leave less CPU to the rest under load. Both
 sides embed with the same runtime (TorchScript unless `--eager`) and search the same kind of
 Lite (a child process unless `--lite-threads`). Like the `vitrine` script, it runs with the
 tuned allocator settings (components/runtime.py). Goals: service p50 at 1 client <= 1.10x the

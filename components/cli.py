@@ -260,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--uri", help="Milvus Lite folder or server URI (default: artifacts/milvus)")
-    serve.add_argument("--threads", type=int, help="torch threads for the model")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per forward pass (default: 1 on the CPU, with one forward pass per "
+        "core at once)",
+    )
     serve.set_defaults(handler=run_serve)
 
     rollout = sub.add_parser(

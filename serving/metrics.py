@@ -25,7 +25,7 @@ class ServiceMetrics:
         )
         self.stage = Histogram(
             "vitrine_stage_seconds",
-            "Latency of one stage of a search: decode, embed, search, fetch",
+            "Latency of one stage of a search: decode, prepare, embed, search, fetch",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -19,7 +19,7 @@ from typing import Any
 from serving.batching import EmbeddingCache, MicroBatcher
 from serving.canary import DriftMonitor
 from serving.embedder import Embedder
-from serving.settings import embed_workers
+from serving.settings import embed_workers, torch_threads
 from serving.store import IndexSpec, VectorStore, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class PairHolder:
         loop = asyncio.get_running_loop()
         try:
             embedder = await loop.run_in_executor(
-                model_threads, Embedder, package, s.device, s.threads, s.torchscript
+                model_threads, Embedder, package, s.device, torch_threads(s), s.torchscript
             )
             if embedder.dim != int(metadata.get("dim", embedder.dim)):
                 raise LookupError(
@@ -133,7 +133,7 @@ class PairHolder:
             model_threads.shutdown(wait=False)
             raise
         batcher = MicroBatcher(
-            embedder.embed_images,
+            embedder.embed_prepared,
             s.max_batch,
             s.max_wait_ms,
             on_batch=self.on_batch,

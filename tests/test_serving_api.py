@@ -192,7 +192,7 @@ def test_search_by_image_finds_the_photos_product_first(client: TestClient, worl
     assert body["model_version"] == package_version(world.packages["a"])
     assert body["collection"] == world.first["collection"] == info["collection"]
     assert body["index_type"] == "HNSW"
-    assert {"decode", "embed", "search", "fetch"} <= set(body["stages_ms"])
+    assert {"decode", "prepare", "embed", "search", "fetch"} <= set(body["stages_ms"])
 
     image = client.get(results[0]["image_url"])
     assert image.status_code == 200
@@ -496,7 +496,7 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
     assert 'vitrine_http_requests_total{method="POST",route="/v1/search/image",status="400"}' in (
         text
     )
-    for stage in ("decode", "embed", "search", "fetch"):
+    for stage in ("decode", "prepare", "embed", "search", "fetch"):
         assert f'vitrine_stage_seconds_count{{stage="{stage}"}}' in text
     assert "vitrine_embed_batch_size_count" in text
     serving = (

@@ -24,9 +24,10 @@ from model.package import (
     package_version,
     save_package,
 )
+from model.transforms import eval_transform
 from serving.batching import EmbeddingCache, MicroBatcher, digest
-from serving.embedder import Embedder
-from serving.settings import Settings, embed_workers
+from serving.embedder import Embedder, convolutions_on_onednn, split_transform
+from serving.settings import Settings, embed_workers, torch_threads
 from tests.conftest import TINY_BACKBONE
 
 DIM = 24
@@ -139,6 +140,70 @@ def test_on_the_cpu_it_serves_a_frozen_torchscript_model(
     np.testing.assert_allclose(embedder.embed_images(images), eager.embed_images(images), atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_the_frozen_model_runs_every_convolution_on_onednn(
+    embedder: Embedder, package: Path, photos: list[Path]
+) -> None:
+    graph = embedder._model.graph
+    assert graph.findAllNodes("aten::mkldnn_convolution")
+    assert not graph.findAllNodes("aten::_convolution")
+    eager = Embedder(package, compile=False)
+    for size in (1, 2, 5):  # under 16, where PyTorch would pick another kernel for 1x1
+        images = _open(photos[:size])
+        np.testing.assert_allclose(
+            embedder.embed_images(images), eager.embed_images(images), atol=1e-5
+        )
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_convolutions_on_onednn_leaves_transposed_convolutions_alone() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 1),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),
+        torch.nn.ConvTranspose2d(8, 4, 2, stride=2),
+    ).eval()
+    inputs = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        frozen = torch.jit.freeze(torch.jit.trace(model, inputs[:1]))
+        assert convolutions_on_onednn(frozen.graph) == 2
+        assert len(frozen.graph.findAllNodes("aten::_convolution")) == 1  # the transposed one
+        torch.testing.assert_close(frozen(inputs), model(inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_inputs_embed_as_the_images_do(embedder: Embedder, photos: list[Path]) -> None:
+    images = _open(photos[:3])
+    prepared = [embedder.prepare(image) for image in images]
+    np.testing.assert_array_equal(embedder.embed_prepared(prepared), embedder.embed_images(images))
+    assert embedder.embed_prepared([]).shape == (0, DIM)
+
+
+def test_prepare_runs_no_torch_and_the_batch_is_exactly_the_eval_transforms(
+    embedder: Embedder, photos: list[Path]
+) -> None:
+    images = _open(photos)  # colour and greyscale, portrait and landscape
+    prepared = [embedder.prepare(image) for image in images]
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.uint8 for x in prepared)
+    expected = torch.stack([eval_transform(embedder.data_config)(i.convert("RGB")) for i in images])
+    batch = embedder.batch_of(prepared)
+    assert torch.equal(batch, expected)  # the same operations in the same order: bit for bit
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_transform_that_does_not_end_in_to_tensor_and_normalise_is_not_split() -> None:
+    from torchvision import transforms
+
+    normalize = transforms.Normalize((0.5,) * 3, (0.5,) * 3)
+    resize = transforms.Resize(8)
+    assert split_transform(transforms.Compose([resize, transforms.ToTensor(), normalize]))[1]
+    assert split_transform(transforms.Compose([transforms.ToTensor(), resize, normalize])) == (
+        [],
+        None,
+    )
+    assert split_transform(transforms.Compose([resize, transforms.ToTensor()])) == ([], None)
+    assert split_transform(lambda image: image) == ([], None)
+
+
 def test_a_model_that_does_not_trace_is_served_eagerly(
     package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
@@ -159,9 +224,15 @@ def test_embed_workers_default_to_cores_per_torch_thread() -> None:
     cores = len(os.sched_getaffinity(0))
     assert embed_workers(Settings(threads=1)) == cores
     assert embed_workers(Settings(threads=cores)) == 1
-    assert embed_workers(Settings(threads=None)) == 1  # torch takes every core itself
+    assert embed_workers(Settings(threads=None)) == cores  # one torch thread each by default
     assert embed_workers(Settings(device="cuda", threads=1)) == 1
     assert embed_workers(Settings(embed_workers=3)) == 3
+
+
+def test_torch_threads_default_to_one_per_forward_on_the_cpu() -> None:
+    assert torch_threads(Settings()) == 1
+    assert torch_threads(Settings(threads=2)) == 2
+    assert torch_threads(Settings(device="cuda")) is None  # torch's own default
 
 
 def test_bad_package_raises_model_package_error(tmp_path: Path) -> None:
