@@ -12,7 +12,9 @@ Contenders, all inner product: FAISS `IndexHNSWFlat` (M 16, efConstruction 200) 
 efSearch, on 1 thread and on all threads; Milvus through `serving.store.VectorStore` exactly as
 the service uses it (insert in the index step's batches, `build_index` with HNSW and the same
 M / efConstruction, `ef` in the search params), with batched queries (all in one call) and one
-query per call (the first --milvus-queries of them, for FAISS too). Milvus Lite 3 runs in this
+query per call (the first --milvus-queries of them, for FAISS too); and once more asking for
+ids only ("ids only" rows: the index alone, as FAISS answers, without the catalogue fields the
+service fetches with every hit). Milvus Lite 3 runs in this
 process ("in-process": a gRPC server thread, its FAISS on all threads). After
 `build_index` the bench records where the rows are (flushed segments, HNSW files; Lite searches
 unflushed rows by brute force) and the recall the index step's verification would see; then it
@@ -26,7 +28,9 @@ package's 2.3.5, started by `tests/milvus_server.py` on loopback with a temp dat
 private network namespace where the process may create one), reached as
 ``VectorStore("http://127.0.0.1:PORT")``: same HNSW M / efConstruction, same ef sweep, batched
 and one query per call. `build_index` flushes (the server indexes sealed segments of >= 1024
-rows only) and waits for the build; the bench reports the index `describe_index` shows.
+rows only), waits for the build, merges the sealed segments (a compaction; each search runs
+once per segment) and waits for the merged segment's index; the bench reports the segments
+and the index `describe_index` shows.
 
     python bench/bench_index.py [--rows 100000] [--queries 1000] [--milvus-queries 200]
                                 [--rounds 2] [--ef 16,32,64,128,256] [--no-grocery] [--json PATH]
@@ -67,6 +71,9 @@ MIN_BLOCK_SECONDS = 0.5
 CACHE = Path(os.environ.get("VITRINE_BENCH_CACHE", Path.home() / ".cache" / "vitrine-bench"))
 COLLECTION = "vitrine_bench_index"
 BOUNDED = "srv Bounded"  # the threads column of server searches at consistency Bounded
+IDS_ONLY = "ids only"  # appended to the threads column of searches returning no fields
+# The primary key alone: an empty list makes Milvus Lite return every field, vectors included.
+ID_FIELD = ["image_id"]
 
 
 # --- data -------------------------------------------------------------------------------
@@ -233,13 +240,16 @@ class MilvusContender:
 
     def files(self) -> dict[str, Any]:
         """Flushed segments and HNSW files on disk; M and efConstruction of the first file.
-        On a server: the index as ``describe_index`` reports it (rows indexed, M, efC)."""
+        On a server: its sealed segments holding rows, and the index as ``describe_index``
+        reports it (rows indexed, M, efC)."""
         import faiss
 
         if self.server:
             info = self.store._call(None, "describe_index", COLLECTION, "embedding") or {}
+            segments = self.store._call(None, "list_persistent_segments", COLLECTION)
             return {
                 "server": True,
+                "segments": sum(1 for segment in segments if segment.num_rows),
                 "index_type": info.get("index_type"),
                 "state": str(info.get("state", "")),
                 "total_rows": int(info.get("total_rows", 0)),
@@ -261,11 +271,18 @@ class MilvusContender:
         return found
 
     def search(
-        self, queries: np.ndarray, ef: int | None, one_by_one: bool, consistency: str = ""
+        self,
+        queries: np.ndarray,
+        ef: int | None,
+        one_by_one: bool,
+        consistency: str = "",
+        ids_only: bool = False,
     ) -> np.ndarray:
         """Top K ids per query. ``consistency`` (server only): a search-time consistency level
         other than the collection's (Session, as the service creates it), passed to the same
-        client call VectorStore.search makes, which has no such argument."""
+        client call VectorStore.search makes, which has no such argument. ``ids_only``: ask
+        for no fields (the index alone, as FAISS answers), not the catalogue fields the
+        service asks for."""
         from serving.store import OUTPUT_FIELDS, _hit, widened
 
         spec = self.spec if ef is None else dataclasses.replace(self.spec, search_params={"ef": ef})
@@ -274,13 +291,15 @@ class MilvusContender:
         found = []
 
         def search(group: np.ndarray) -> list[list[dict[str, Any]]]:
-            if not consistency:
+            if not consistency and not ids_only:
                 return self.store.search(COLLECTION, group, K, spec)
             params = {"metric_type": spec.metric_type, "params": widened(spec.search_params, K)}
+            options = {"consistency_level": consistency} if consistency else {}
             hits = self.store._call(
                 COLLECTION, "search", COLLECTION,
                 data=np.asarray(group, dtype=np.float32).tolist(), limit=K, filter="",
-                output_fields=OUTPUT_FIELDS, search_params=params, consistency_level=consistency,
+                output_fields=ID_FIELD if ids_only else OUTPUT_FIELDS, search_params=params,
+                **options,
             )  # fmt: skip
             return [[_hit(hit) for hit in each] for each in hits]
 
@@ -405,6 +424,17 @@ def run_dataset(
                 once(lambda ef=ef: milvus.search(queries[:m], ef, True)),
             )  # fmt: skip
             rows[-1]["recall"] = recall_at_k(found, truth[:m])
+        for ef in efs:  # the index alone: ids, no catalogue fields (as FAISS answers)
+            for mode, n, sub in (
+                ("batched", len(queries), queries),
+                ("one per call", m, queries[:m]),
+            ):
+                one = mode != "batched"
+                run = lambda ef=ef, sub=sub, one=one: milvus.search(sub, ef, one, ids_only=True)  # noqa: E731
+                found = add(
+                    milvus.name, f"ef={ef}", f"{milvus.threads} {IDS_ONLY}", mode, run, n, once(run)
+                )
+                rows[-1]["recall"] = recall_at_k(found, truth[:n])
         if milvus.server:  # the same server at search-time consistency Bounded
             for ef in efs:
                 for mode, n, sub in (
@@ -422,10 +452,10 @@ def run_dataset(
     for row in rows:
         row["qps"] = qps[row.pop("key")]
 
-    print(f"{'contender':18} {'params':11} {'threads':11} {'mode':13} {'recall@10':>9} {'QPS':>10}")
+    print(f"{'contender':18} {'params':11} {'threads':23} {'mode':13} {'recall@10':>9} {'QPS':>10}")
     for row in rows:
         print(
-            f"{row['contender']:18.18} {row['params']:11} {row['threads']:11} {row['mode']:13} "
+            f"{row['contender']:18.18} {row['params']:11} {row['threads']:23} {row['mode']:13} "
             f"{row['recall']:9.4f} {row['qps']:10.1f}"
         )
     seconds = {"exact_first_pass": exact_first, "faiss_add": faiss_build, **milvus.seconds}
@@ -459,6 +489,13 @@ def run_dataset(
         "comparison": compare(rows, threads, milvus.name, milvus.threads),
     }
     print(result["comparison"]["line"])
+    result["comparison_ids_only"] = compare(
+        rows, threads, milvus.name, f"{milvus.threads} {IDS_ONLY}"
+    )
+    print(
+        "the index alone (ids, no catalogue fields, as FAISS answers): "
+        + result["comparison_ids_only"]["line"]
+    )
     if milvus.server:
         result["comparison_bounded"] = compare(rows, threads, milvus.name, BOUNDED)
         print(
@@ -476,7 +513,8 @@ def stage(text: str) -> None:
 def describe(files: dict[str, Any]) -> str:
     if files.get("server"):
         return (
-            f"server {files['index_type']} index {files['state']}, {files['indexed_rows']} of "
+            f"server {files['index_type']} index {files['state']} on {files['segments']} "
+            f"segment(s), {files['indexed_rows']} of "
             f"{files['total_rows']} rows indexed ({files['pending_index_rows']} pending; M "
             f"{files['hnsw_M']}, efConstruction {files['hnsw_efConstruction']})"
         )

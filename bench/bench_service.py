@@ -9,7 +9,9 @@ The bare path runs in this process: `Embedder.embed_images([image])` on the alre
 photo, then the service's own search function (`serving.search.products_near`: Milvus hits,
 the best per product, fetched deeper only if too few products came back), one query at a
 time; and once more with the forward batched (as many images as the largest client count) to
-show the ceiling that micro-batching can approach.
+show the ceiling that micro-batching can approach. (The service sends its first search
+through `serving.search_batching.SearchBatcher`, which at one client is the same single-query
+call, and under load groups the searches that arrive together.)
 
 The service is `create_app(Settings(...))` under a real uvicorn server on 127.0.0.1, in a child
 process so that its event loop and the load generator here do not share a GIL (the load
@@ -436,9 +438,9 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)}
 
 
-def batch_sizes(metrics: dict) -> dict[str, Any]:
-    """Forward passes and images per pass, from the vitrine_embed_batch_size histogram."""
-    name = "vitrine_embed_batch_size"
+def batch_sizes(metrics: dict, name: str = "vitrine_embed_batch_size") -> dict[str, Any]:
+    """Forward passes and images per pass, from the vitrine_embed_batch_size histogram (or
+    Milvus calls and query vectors per call, from vitrine_search_batch_size)."""
     count = metrics.get((f"{name}_count", ()), 0.0)
     total = metrics.get((f"{name}_sum", ()), 0.0)
     buckets = sorted(
@@ -510,6 +512,7 @@ def summarise(phases: list[dict[str, Any]]) -> dict[str, Any]:
             for key, value in phase["metrics"].items():
                 merged[key] = merged.get(key, 0.0) + value
         row["batches"] = batch_sizes(merged)
+        row["search_batches"] = batch_sizes(merged, "vitrine_search_batch_size")
         row["stages_ms"] = stage_means(merged)
         row["cache_hits"] = cache_hits(merged)
         row["cpu_server"] = sum(phase["cpu_server"] for phase in phases) / elapsed
@@ -663,8 +666,10 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
         b = row["batches"]
         hist = ", ".join(f"{k}: {v}" for k, v in b["histogram"].items())
         stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages_ms"].items())
+        searches = row["search_batches"]
         print(
             f"    {n:>2} clients: {b['forwards']} passes, mean {b['mean']:.2f} images [{hist}]; "
+            f"{searches['forwards']} Milvus searches, mean {searches['mean']:.2f} queries; "
             f"{stages}, outside {row['outside_handler_ms']:.1f}; CPU cores: service "
             f"{row['cpu_server']:.2f} (with its Milvus Lite process), load generator "
             f"{row['cpu_client']:.2f}; cache hits {row['cache_hits']}"

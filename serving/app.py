@@ -167,7 +167,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         metrics: ServiceMetrics = app.state.metrics
         app.state.store = store
-        app.state.holder = PairHolder(store, settings, on_batch=metrics.observe_batch)
+        app.state.holder = PairHolder(
+            store, settings, on_batch=metrics.observe_batch, on_search=metrics.observe_search_batch
+        )
         loader = asyncio.create_task(_load_until_ready(app))
         watcher = asyncio.create_task(_run_canary_periodically(app))
         try:

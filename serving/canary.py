@@ -59,8 +59,10 @@ def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:
                 log.warning("canary: cannot read %s: %s", probe["image_uri"], err)
         if not batch:
             continue
-        # On the model's threads, as every forward of the service (MicroBatcher.executor).
-        vectors = pair.batcher.executor.submit(pair.embedder.embed_images, images).result()
+        # Prepared here, embedded on the model's threads as every forward of the service
+        # (Embedder.prepare, MicroBatcher.executor).
+        prepared = [pair.embedder.prepare(image) for image in images]
+        vectors = pair.batcher.executor.submit(pair.embedder.embed_prepared, prepared).result()
         depth = max(CANARY_KS) * HITS_PER_PRODUCT + 1  # +1: the probe's own image
         hits = store.search(pair.collection, vectors, depth, pair.spec, "")
         for probe, probe_hits in zip(batch, hits, strict=True):

@@ -106,7 +106,8 @@ class Embedder:
         after the image steps, and :meth:`embed_prepared` scales and normalises them, the
         same operations in the same order; any other transform runs whole here.
         """
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # convert() copies even an RGB image
+            image = image.convert("RGB")
         if self._tensor_steps is None:
             return self._transform(image)
         for step in self._image_steps:

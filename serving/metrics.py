@@ -36,6 +36,12 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.search_batch_size = Histogram(
+            "vitrine_search_batch_size",
+            "Query vectors per Milvus search call (concurrent searches go together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.forward = Histogram(
             "vitrine_embed_forward_seconds",
             "Seconds per forward pass of one micro-batch",
@@ -94,6 +100,9 @@ class ServiceMetrics:
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.forward.observe(seconds)
+
+    def observe_search_batch(self, size: int) -> None:
+        self.search_batch_size.observe(size)
 
     def set_canary(self, result: dict, tolerance: float) -> None:
         """Export one canary run (live and expected Recall@K, the floor, when)."""

@@ -19,6 +19,7 @@ from typing import Any
 from serving.batching import EmbeddingCache, MicroBatcher
 from serving.canary import DriftMonitor
 from serving.embedder import Embedder
+from serving.search_batching import SearchBatcher
 from serving.settings import embed_workers, torch_threads
 from serving.store import IndexSpec, VectorStore, spec_from_dict
 
@@ -31,6 +32,7 @@ class ServingPair:
 
     embedder: Embedder
     batcher: MicroBatcher
+    searcher: SearchBatcher
     cache: EmbeddingCache
     collection: str
     spec: IndexSpec
@@ -58,10 +60,11 @@ class ServingPair:
 class PairHolder:
     """Holds the current pair; hands it to requests; swaps it on rollout."""
 
-    def __init__(self, store: VectorStore, settings: Any, on_batch=None) -> None:
+    def __init__(self, store: VectorStore, settings: Any, on_batch=None, on_search=None) -> None:
         self.store = store
         self.settings = settings
         self.on_batch = on_batch
+        self.on_search = on_search
         self.current: ServingPair | None = None
         self.last_error: str = ""
         self._rollout_lock = asyncio.Lock()
@@ -143,6 +146,7 @@ class PairHolder:
         return ServingPair(
             embedder=embedder,
             batcher=batcher,
+            searcher=SearchBatcher(self.store.search, s.max_batch, on_call=self.on_search),
             cache=EmbeddingCache(s.cache_size),
             collection=target,
             spec=spec_from_dict(metadata.get("index", {"index_type": "", "metric_type": "IP"})),

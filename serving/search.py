@@ -78,6 +78,12 @@ def first_depth(top_k: int) -> int:
     return min(MAX_FETCH, top_k * HITS_PER_RESULT)
 
 
+def page_is_final(results: list, hits: list, depth: int, top_k: int) -> bool:
+    """Whether ``hits`` fetched ``depth`` deep answer ``top_k`` products: they hold enough,
+    or there are no more to fetch."""
+    return len(results) == top_k or len(hits) < depth or depth == MAX_FETCH
+
+
 def products_near(
     store: VectorStore,
     collection: str,
@@ -85,19 +91,20 @@ def products_near(
     top_k: int,
     spec: Any,
     filter_expr: str = "",
+    depth: int | None = None,
 ) -> list[dict[str, Any]]:
     """The best hit of each of the ``top_k`` products nearest to ``vector``, best first.
 
-    Fetches ``top_k * HITS_PER_RESULT`` hits; while they fill the page but hold fewer than
-    ``top_k`` products (one product's photos crowding the top), fetches again twice as deep,
-    up to ``MAX_FETCH``. Fewer than ``top_k`` results means the collection (or the filter) has
-    no more products.
+    Fetches ``top_k * HITS_PER_RESULT`` hits (or ``depth``); while they fill the page but
+    hold fewer than ``top_k`` products (one product's photos crowding the top), fetches again
+    twice as deep, up to ``MAX_FETCH``. Fewer than ``top_k`` results means the collection (or
+    the filter) has no more products.
     """
-    depth = first_depth(top_k)
+    depth = depth or first_depth(top_k)
     while True:
         hits = store.search(collection, vector[None, :], depth, spec, filter_expr)[0]
         results = best_per_product(hits, top_k)
-        if len(results) == top_k or len(hits) < depth or depth == MAX_FETCH:
+        if page_is_final(results, hits, depth, top_k):
             return results
         depth = min(MAX_FETCH, 2 * depth)
 
@@ -110,13 +117,22 @@ async def search_vector(
     filter_expr: str,
     timings: dict[str, float],
 ) -> list[dict[str, Any]]:
-    """Search the pair's collection and return ``top_k`` products, best first."""
+    """Search the pair's collection and return ``top_k`` products, best first.
+
+    As :func:`products_near` does, but the first search goes through the pair's
+    :class:`~serving.search_batching.SearchBatcher`, with the concurrent searches like it.
+    """
     started = time.perf_counter()
-    hits = await asyncio.to_thread(
-        products_near, store, pair.collection, vector, top_k, pair.spec, filter_expr
-    )
+    depth = first_depth(top_k)
+    hits = await pair.searcher.search(pair.collection, vector, depth, pair.spec, filter_expr)
+    found = best_per_product(hits, top_k)
+    if not page_is_final(found, hits, depth, top_k):
+        found = await asyncio.to_thread(
+            products_near, store, pair.collection, vector, top_k, pair.spec, filter_expr,
+            min(MAX_FETCH, 2 * depth),
+        )  # fmt: skip
     timings["search"] = time.perf_counter() - started
     started = time.perf_counter()
-    results = [shape_result(hit) for hit in hits]
+    results = [shape_result(hit) for hit in found]
     timings["fetch"] = time.perf_counter() - started
     return results

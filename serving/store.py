@@ -395,9 +395,62 @@ class VectorStore:
             self._call(name, "drop_index", name, "embedding")
             self._create_index(name, fallback)  # the fallback gets the full build timeout
             spec = fallback
+        if not self.embedded:
+            self._merge_segments(name)
         self._call(name, "load_collection", name)
         log.info("collection %s: %s index (%s)", name, spec.index_type, spec.reason)
         return spec
+
+    def _merge_segments(self, name: str) -> None:
+        """Merge a server's small indexed segments (a manual compaction), then wait for the
+        merged segment's index.
+
+        A server seals a growing segment on size and on time, so a bulk insert ends in
+        several segments, and every search runs once per segment. 100K rows went from 2
+        segments to 1: at equal recall@10 (~0.97: one segment needs ef 32 where two needed
+        16) 3,658 -> 4,704 queries/s (+20% to +29% over two runs of
+        ``bench/bench_index.py --server``). Milvus compacts indexed segments only, so this
+        runs after the build. Compaction never merges past the server's segment size limit,
+        so large collections keep their parallelism. A compaction that fails, ends in a
+        state other than completed, or outlasts the build timeout leaves the segments as
+        they are (searches stay correct, only slower), and the log says so. The merged
+        segment's index build is waited for (up to the build timeout again) and its failure
+        raises, as the first build's does.
+        """
+        started = time.monotonic()
+        try:
+            before = self._segment_count(name)
+            job = self._call(name, "compact", name)
+            state = self._call(name, "get_compaction_state", job)
+            while state == "Executing":
+                if time.monotonic() - started > self.build_timeout:
+                    log.warning("collection %s: compaction still running; serving as is", name)
+                    return
+                time.sleep(0.5)
+                state = self._call(name, "get_compaction_state", job)
+            if state != "Completed":
+                log.warning("collection %s: compaction ended %s; segments as they are", name, state)
+                return
+        except StoreUnavailable:
+            raise
+        except StoreError as err:
+            log.warning("collection %s: segments not merged (%s)", name, err)
+            return
+        # The merged segment has no index yet: the server counts its rows as pending
+        # (segments under its minimum for an index, 1,024 rows, count as indexed).
+        self._wait_for_index(name, None)
+        log.info(
+            "collection %s: %d sealed segment(s) merged into %d in %.1f s",
+            name,
+            before,
+            self._segment_count(name),
+            time.monotonic() - started,
+        )
+
+    def _segment_count(self, name: str) -> int:
+        """Sealed segments of a server's collection that hold rows."""
+        segments = self._call(name, "list_persistent_segments", name)
+        return sum(1 for segment in segments if segment.num_rows)
 
     def _create_index(self, name: str, spec: IndexSpec, stall_s: float | None = None) -> None:
         params = self._client(name).prepare_index_params()
@@ -415,17 +468,27 @@ class VectorStore:
         if not self.embedded:  # Lite builds when the collection is loaded
             self._wait_for_index(name, stall_s)
 
+    def _index_progress(self, name: str) -> dict[str, Any]:
+        """A server's index build as ``describe_index`` reports it."""
+        info = self._call(name, "describe_index", name, "embedding") or {}
+        return {
+            "state": str(info.get("state", "")),
+            "reason": str(info.get("index_state_fail_reason") or ""),
+            "total_rows": int(info.get("total_rows", 0)),
+            "indexed_rows": int(info.get("indexed_rows", 0)),
+            "pending_index_rows": int(info.get("pending_index_rows", 0)),
+        }
+
     def _wait_for_index(self, name: str, stall_s: float | None) -> None:
         """Poll a server's build until every row is indexed; raise StoreError when it fails,
         makes no progress for ``stall_s`` (None: no such limit), or outlasts the build timeout.
         """
         started = time.monotonic()
         while True:
-            info = self._call(name, "describe_index", name, "embedding") or {}
-            state = str(info.get("state", ""))
-            reason = str(info.get("index_state_fail_reason") or "")
-            total, indexed = int(info.get("total_rows", 0)), int(info.get("indexed_rows", 0))
-            pending = int(info.get("pending_index_rows", 0))
+            progress = self._index_progress(name)
+            state, reason = progress["state"], progress["reason"]
+            total, indexed = progress["total_rows"], progress["indexed_rows"]
+            pending = progress["pending_index_rows"]
             if reason or state.lower() == "failed":
                 raise StoreError(f"the index build failed: {reason or state}")
             if state.lower() == "finished" and pending == 0:

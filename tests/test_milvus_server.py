@@ -204,6 +204,36 @@ def test_store_server_path(server: MilvusTestServer) -> None:
     assert first not in _names(server) and second not in _names(server)
 
 
+def test_build_index_merges_the_segments_a_bulk_insert_left(server: MilvusTestServer) -> None:
+    """Each flush seals a segment; build_index compacts them so a search runs once, not
+    once per segment, and the merged rows are indexed and found."""
+    from pymilvus import MilvusClient
+
+    store = VectorStore(server.uri)
+    raw = MilvusClient(server.uri, timeout=10)
+    name = "vitrine_server_segments"
+    vectors = _unit_vectors(3 * MIN_INDEXED_ROWS, seed=3)
+    try:
+        store.create_collection(name, DIM)
+        for part in np.array_split(np.arange(len(vectors)), 3):
+            store.insert(name, _rows(vectors[part], prefix=f"s{part[0]}_"))
+            raw.flush(name)
+        sealed = [s for s in raw.list_persistent_segments(name) if s.num_rows]
+        assert len(sealed) == 3
+        spec = store.build_index(name, IndexConfig(index_type="HNSW"))
+        live = [s for s in raw.list_persistent_segments(name) if s.num_rows]
+        _say(f"segments: {len(sealed)} sealed -> {len(live)} after build_index")
+        assert len(live) == 1 and live[0].num_rows == len(vectors)
+        info = raw.describe_index(name, "embedding")
+        assert int(info["indexed_rows"]) == len(vectors) and int(info["pending_index_rows"]) == 0
+        hits = store.search(name, vectors[[0, 1500, 3000]], 1, spec)
+        assert [h[0]["score"] for h in hits] == pytest.approx([1.0] * 3, abs=1e-4)
+    finally:
+        store.drop(name)
+        store.close()
+        raw.close()
+
+
 def test_auto_index_falls_back_to_hnsw_when_the_server_cannot_build_diskann(
     server: MilvusTestServer,
 ) -> None:

@@ -288,15 +288,22 @@ def test_every_use_of_the_model_runs_on_the_model_thread(
     class RecordingEmbedder(Embedder):
         def __init__(self, *args, **kwargs) -> None:
             threads.setdefault("load", set()).add(threading.current_thread().name)
-            super().__init__(*args, **kwargs)
+            self.loaded = False
+            super().__init__(*args, **kwargs)  # checks prepare() once, on the model thread
+            self.loaded = True
 
         def warm_up(self, *args, **kwargs) -> None:
             threads.setdefault("warm_up", set()).add(threading.current_thread().name)
             super().warm_up(*args, **kwargs)
 
-        def embed_images(self, images):
+        def embed_prepared(self, inputs):  # every forward: searches, canary, embed_images
             threads.setdefault("embed", set()).add(threading.current_thread().name)
-            return super().embed_images(images)
+            return super().embed_prepared(inputs)
+
+        def prepare(self, image):  # off the model threads (see Embedder.prepare)
+            if self.loaded:
+                threads.setdefault("prepare", set()).add(threading.current_thread().name)
+            return super().prepare(image)
 
     monkeypatch.setattr(serving.pair, "Embedder", RecordingEmbedder)
     settings = world.settings(threads=2, embed_workers=1, canary_interval_s=0)
@@ -309,9 +316,11 @@ def test_every_use_of_the_model_runs_on_the_model_thread(
     finally:
         torch.set_num_threads(torch_threads)
     assert canary["probes"] > 0
+    preparing = threads.pop("prepare")
     assert set(threads) == {"load", "warm_up", "embed"}
     (name,) = set().union(*threads.values())
     assert name.startswith("embed")
+    assert not any(thread.startswith("embed") for thread in preparing)
 
 
 def test_invalid_parameters_are_422(client: TestClient, world: World) -> None:
@@ -499,6 +508,7 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
     for stage in ("decode", "prepare", "embed", "search", "fetch"):
         assert f'vitrine_stage_seconds_count{{stage="{stage}"}}' in text
     assert "vitrine_embed_batch_size_count" in text
+    assert "vitrine_search_batch_size_count" in text
     serving = (
         f'vitrine_serving_info{{collection="{info["collection"]}",index_type="HNSW",'
         f'model_version="{info["model_version"]}"}} 1.0'

@@ -182,7 +182,9 @@ def test_prepare_runs_no_torch_and_the_batch_is_exactly_the_eval_transforms(
     embedder: Embedder, photos: list[Path]
 ) -> None:
     images = _open(photos)  # colour and greyscale, portrait and landscape
-    prepared = [embedder.prepare(image) for image in images]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        prepared = [embedder.prepare(image) for image in images]
+    assert not [event.name for event in profile.events()]  # no torch operation ran
     assert all(isinstance(x, np.ndarray) and x.dtype == np.uint8 for x in prepared)
     expected = torch.stack([eval_transform(embedder.data_config)(i.convert("RGB")) for i in images])
     batch = embedder.batch_of(prepared)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import os
 import re
 import stat
@@ -254,11 +255,41 @@ def check_image(
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (affinity and container limits), not the host's count."""
+    """CPUs this process may run on (affinity and container limits), not the host's count.
+
+    A container's CPU quota (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``) caps the
+    count: ``docker --cpus=2`` on a 32-core host gives 2, where affinity alone says 32.
+    """
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup quota allows, or None without a quota."""
+    candidates = [
+        (root / "cpu.max", None),  # v2: "max 100000" or "200000 100000"
+        (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"),  # v1
+        (root / "cpu,cpuacct" / "cpu.cfs_quota_us", root / "cpu,cpuacct" / "cpu.cfs_period_us"),
+    ]
+    for quota_file, period_file in candidates:
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()[:2]
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+        except ValueError:
+            return None
+    return None
 
 
 def check_images(
