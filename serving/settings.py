@@ -34,9 +34,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch threads per forward; None: 1 on the CPU (one forward per core runs "
-        "faster than forwards on all cores: 117 vs 93 req/s at 16 clients on 2 cores, "
-        "bench/bench_service.py), torch's default on a GPU",
+        description="torch threads per forward; None: 1 on the CPU (one forward per core beats "
+        "forwards on all cores from 4 clients on: 129 vs 104 req/s at 16 clients on 2 cores, "
+        "though a lone client waits 17.0 vs 15.2 ms; bench/bench_service.py), torch's default "
+        "on a GPU",
     )
     torchscript: bool = Field(
         default=True,
