@@ -85,15 +85,22 @@ def test_a_lone_search_is_sent_at_once() -> None:
     assert recorder.calls == [("c", 1, 1, "")]
 
 
+async def _first_call_held(recorder: Recorder) -> tuple[SearchBatcher, asyncio.Future]:
+    """A batcher allowing one call at a time, and a first search whose call is running, held
+    at the recorder's gate."""
+    batcher = SearchBatcher(recorder, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.search("c", _vector(0), 1, SPEC))
+    while not recorder.calls:
+        await asyncio.sleep(0.001)
+    return batcher, first
+
+
 def test_searches_arriving_while_calls_run_queue_and_go_together() -> None:
     gate = threading.Event()
     recorder = Recorder(gate)
 
     async def main() -> list:
-        batcher = SearchBatcher(recorder, max_in_flight=1)
-        first = asyncio.ensure_future(batcher.search("c", _vector(0), 1, SPEC))
-        while not recorder.calls:  # the first call is running (held at the gate)
-            await asyncio.sleep(0.001)
+        batcher, first = await _first_call_held(recorder)
         later = [asyncio.ensure_future(batcher.search("c", _vector(i), 1, SPEC)) for i in (1, 2, 3)]
         await asyncio.sleep(0.05)
         assert len(recorder.calls) == 1  # the others wait for the call in flight
@@ -139,10 +146,7 @@ def test_a_search_whose_caller_gave_up_is_left_out() -> None:
     recorder = Recorder(gate)
 
     async def main() -> list:
-        batcher = SearchBatcher(recorder, max_in_flight=1)
-        first = asyncio.ensure_future(batcher.search("c", _vector(0), 1, SPEC))
-        while not recorder.calls:
-            await asyncio.sleep(0.001)
+        batcher, first = await _first_call_held(recorder)
         abandoned = asyncio.ensure_future(batcher.search("c", _vector(1), 1, SPEC))
         kept = asyncio.ensure_future(batcher.search("c", _vector(2), 1, SPEC))
         await asyncio.sleep(0)
