@@ -95,9 +95,9 @@ async def _embed_upload(
     )
     # Off the model's threads (see Embedder.prepare), in one hop.
     prepared = await asyncio.to_thread(_decode_and_prepare, pair, data, content_type, limits)
-    tensor, timings["decode"], timings["prepare"] = prepared
+    model_input, timings["decode"], timings["prepare"] = prepared
     started = time.perf_counter()
-    vector = await pair.batcher.embed(tensor)
+    vector = await pair.batcher.embed(model_input)
     timings["embed"] = time.perf_counter() - started
     pair.cache.put(key, vector)
     return vector, key
@@ -110,8 +110,8 @@ def _decode_and_prepare(
     started = time.perf_counter()
     image = decode_upload(data, content_type, limits)
     decoded = time.perf_counter()
-    tensor = pair.embedder.prepare(image)
-    return tensor, decoded - started, time.perf_counter() - decoded
+    model_input = pair.embedder.prepare(image)
+    return model_input, decoded - started, time.perf_counter() - decoded
 
 
 async def _read_upload(image: UploadFile, settings: Any) -> bytes:
