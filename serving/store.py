@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ _LITE_DIED: set[str] = set()
 # Lite builds an index inside load_collection. pymilvus' default wait after create_index asks
 # for a timestamp Lite does not implement (an error logged by its server), then sleeps 0.5 s.
 _NO_WAIT = {"sync": False}
+# Rows a server's segment needs before it gets an index (Milvus's
+# dataCoord.index.minSegmentNumRowsToEnableIndex); smaller segments are searched exactly.
+SERVER_MIN_INDEXED_ROWS = 1024
 # Server calls that move or index data and may legitimately take long.
 _SLOW_CALLS = frozenset(
     {"insert", "flush", "create_index", "drop_index", "load_collection", "create_collection"}
@@ -397,9 +400,26 @@ class VectorStore:
             spec = fallback
         if not self.embedded:
             self._merge_segments(name)
+            spec = self._unindexed_noted(name, spec)
         self._call(name, "load_collection", name)
         log.info("collection %s: %s index (%s)", name, spec.index_type, spec.reason)
         return spec
+
+    def _unindexed_noted(self, name: str, spec: IndexSpec) -> IndexSpec:
+        """``spec``, its reason saying so when no segment is large enough for the server to
+        index: such a collection is searched exactly, and a build that would fail (DiskANN on
+        a server without it) cannot fail yet."""
+        rows = [s.num_rows for s in self._call(name, "list_persistent_segments", name)]
+        largest = max(rows, default=0)
+        if not 0 < largest < SERVER_MIN_INDEXED_ROWS:
+            return spec
+        note = (
+            f"no segment reaches the server's minimum for an index ({SERVER_MIN_INDEXED_ROWS} "
+            f"rows by default; the largest holds {largest}): searched exactly until one does, "
+            f"and {spec.index_type} not built yet"
+        )
+        log.warning("collection %s: %s", name, note)
+        return replace(spec, reason=f"{spec.reason}; {note}" if spec.reason else note)
 
     def _merge_segments(self, name: str) -> None:
         """Merge a server's small indexed segments (a manual compaction), then wait for the
