@@ -184,45 +184,58 @@ TRACE_TOLERANCE = 1e-4
 
 
 def _frozen_or_eager(model: torch.nn.Module, data_config: dict) -> tuple[torch.nn.Module, str]:
-    """The model traced and frozen into TorchScript, or the model itself if that fails."""
+    """The model traced and frozen into TorchScript with its convolutions on oneDNN; else
+    frozen as traced; else the model itself. Each candidate must match the eager model."""
     channels, height, width = data_config["input_size"]
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(2, channels, height, width, generator=generator).contiguous(
         memory_format=torch.channels_last
     )
     started = time.perf_counter()
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            # Shapes turned into constants (e.g. "same" padding at the fixed input size) are
-            # what the check below is for; the tracer's warnings about them are noise here.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # torch 2.x marks torch.jit deprecated in favour of torch.compile/torch.export, which
-            # on a CPU need a C++ toolchain and tens of seconds per model; should torch.jit go,
-            # the except below serves the model eagerly.
-            warnings.simplefilter("ignore", FutureWarning)
-            frozen = torch.jit.freeze(torch.jit.trace(model.eval(), probe[:1]))
-            on_onednn = convolutions_on_onednn(frozen.graph)  # before the graph first runs
-            expected = model(probe)
-            # A batch size other than the traced one: the graph must not have baked it in.
-            error = float((frozen(probe) - expected).abs().max())
-    except Exception as err:  # any backbone that does not trace is still served, eagerly
-        log.warning("serving the model eagerly: TorchScript tracing failed (%s)", err)
-        return model, "eager"
-    if not error <= TRACE_TOLERANCE:
-        log.warning(
-            "serving the model eagerly: the traced model differs by %.2g (tolerance %g)",
+    problems = []
+    for on_onednn in (True, False):
+        try:
+            frozen, moved, error = _frozen_and_checked(model, probe, on_onednn)
+        except Exception as err:  # any backbone that does not trace is still served, eagerly
+            problems.append(f"tracing failed ({err})")
+            continue
+        if not error <= TRACE_TOLERANCE:
+            problems.append(
+                f"the traced model differs by {error:.2g} (tolerance {TRACE_TOLERANCE})"
+            )
+            continue
+        if problems:
+            log.warning("convolutions left to PyTorch's choice of kernel: %s", problems[0])
+        log.info(
+            "model traced and frozen (TorchScript) in %.1f s, %d convolutions on oneDNN; "
+            "max difference %.1g",
+            time.perf_counter() - started,
+            moved,
             error,
-            TRACE_TOLERANCE,
         )
-        return model, "eager"
-    log.info(
-        "model traced and frozen (TorchScript) in %.1f s, %d convolutions on oneDNN; "
-        "max difference %.1g",
-        time.perf_counter() - started,
-        on_onednn,
-        error,
-    )
-    return frozen, "torchscript"
+        return frozen, "torchscript"
+    log.warning("serving the model eagerly: %s", problems[-1])
+    return model, "eager"
+
+
+def _frozen_and_checked(
+    model: torch.nn.Module, probe: torch.Tensor, on_onednn: bool
+) -> tuple[torch.nn.Module, int, float]:
+    """The model traced and frozen (convolutions on oneDNN if asked), the convolutions moved,
+    and its largest difference from the eager model on ``probe``."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Shapes turned into constants (e.g. "same" padding at the fixed input size) are what
+        # the check below is for; the tracer's warnings about them are noise here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # torch 2.x marks torch.jit deprecated in favour of torch.compile/torch.export, which on
+        # a CPU need a C++ toolchain and tens of seconds per model; should torch.jit go, the
+        # caller serves the model eagerly.
+        warnings.simplefilter("ignore", FutureWarning)
+        frozen = torch.jit.freeze(torch.jit.trace(model.eval(), probe[:1]))
+        moved = convolutions_on_onednn(frozen.graph) if on_onednn else 0  # before it first runs
+        expected = model(probe)
+        # A batch size other than the traced one: the graph must not have baked it in.
+        return frozen, moved, float((frozen(probe) - expected).abs().max())
 
 
 def convolutions_on_onednn(graph: torch.Graph) -> int:

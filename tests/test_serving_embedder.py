@@ -206,6 +206,25 @@ def test_a_transform_that_does_not_end_in_to_tensor_and_normalise_is_not_split()
     assert split_transform(lambda image: image) == ([], None)
 
 
+def test_a_failed_onednn_rewrite_still_serves_the_frozen_model(
+    package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import serving.embedder
+
+    def refuse(graph) -> int:
+        raise RuntimeError("this graph cannot be rewritten")
+
+    monkeypatch.setattr(serving.embedder, "convolutions_on_onednn", refuse)
+    with caplog.at_level("WARNING", logger="serving.embedder"):
+        frozen = Embedder(package)
+    assert frozen.runtime == "torchscript"
+    assert "cannot be rewritten" in caplog.text
+    assert not frozen._model.graph.findAllNodes("aten::mkldnn_convolution")
+    images = _open(photos[:4])
+    reference = Embedder(package, compile=False).embed_images(images)
+    np.testing.assert_allclose(frozen.embed_images(images), reference, atol=1e-5)
+
+
 def test_a_model_that_does_not_trace_is_served_eagerly(
     package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
