@@ -206,39 +206,38 @@ def test_a_transform_that_does_not_end_in_to_tensor_and_normalise_is_not_split()
     assert split_transform(lambda image: image) == ([], None)
 
 
-def test_a_failed_onednn_rewrite_still_serves_the_frozen_model(
-    package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
-) -> None:
-    import serving.embedder
-
-    def refuse(graph) -> int:
-        raise RuntimeError("this graph cannot be rewritten")
-
-    monkeypatch.setattr(serving.embedder, "convolutions_on_onednn", refuse)
-    with caplog.at_level("WARNING", logger="serving.embedder"):
-        frozen = Embedder(package)
-    assert frozen.runtime == "torchscript"
-    assert "cannot be rewritten" in caplog.text
-    assert not frozen._model.graph.findAllNodes("aten::mkldnn_convolution")
-    images = _open(photos[:4])
-    reference = Embedder(package, compile=False).embed_images(images)
-    np.testing.assert_allclose(frozen.embed_images(images), reference, atol=1e-5)
-
-
-def test_a_model_that_does_not_trace_is_served_eagerly(
-    package: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
+@pytest.mark.parametrize(
+    ("target", "why", "runtime", "atol"),
+    [
+        # The oneDNN rewrite fails: the frozen graph as traced still serves.
+        ("serving.embedder.convolutions_on_onednn", "no rewrite", "torchscript", 1e-5),
+        # Tracing fails: the eager model serves.
+        ("torch.jit.trace", "data-dependent control flow", "eager", 1e-6),
+    ],
+)
+def test_what_serves_when_a_step_of_compiling_fails(
+    package: Path,
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog,
+    target: str,
+    why: str,
+    runtime: str,
+    atol: float,
 ) -> None:
     def refuse(*args, **kwargs):
-        raise RuntimeError("this backbone has data-dependent control flow")
+        raise RuntimeError(why)
 
-    monkeypatch.setattr(torch.jit, "trace", refuse)
+    monkeypatch.setattr(target, refuse)
     with caplog.at_level("WARNING", logger="serving.embedder"):
-        fallback = Embedder(package)
-    assert fallback.runtime == "eager"
-    assert "data-dependent control flow" in caplog.text
+        served = Embedder(package)
+    assert why in caplog.text
+    assert served.runtime == runtime
+    if runtime == "torchscript":
+        assert not served._model.graph.findAllNodes("aten::mkldnn_convolution")
     images = _open(photos[:4])
     reference = Embedder(package, compile=False).embed_images(images)
-    np.testing.assert_allclose(fallback.embed_images(images), reference, atol=1e-6)
+    np.testing.assert_allclose(served.embed_images(images), reference, atol=atol)
 
 
 def test_embed_workers_default_to_cores_per_torch_thread() -> None:
