@@ -1,4 +1,4 @@
-"""Vector index: recall@10 and QPS of Milvus (via `serving.store`) against FAISS HNSW and exact.
+"""Vector index: recall@10 and QPS of Milvus (via `serving.store`) and DiskANN vs FAISS HNSW, exact.
 
 Two datasets. A: 100K x 512 clustered unit vectors (seeded; 100 categories of 20 clusters each,
 cluster sizes log-normal, points = centre + noise so about 8% of a query's true top 10 lie in
@@ -32,9 +32,35 @@ rows only), waits for the build, merges the sealed segments (a compaction; each 
 once per segment) and waits for the merged segment's index; the bench reports the segments
 and the index `describe_index` shows.
 
+DiskANN itself: on a Milvus server Vitrine's index is DISKANN (``serving.store``), which the
+only server that starts here (PyPI ``milvus`` 2.3.5) cannot build, so the bench runs Microsoft's
+``diskannpy`` 0.7.0. It pins numpy 1.25, so it lives in a venv of its own, made with uv on first
+use (``diskann-venv`` in the bench cache; ``--diskann-venv`` or ``VITRINE_DISKANN_VENV`` for
+another); when that cannot be made, the DiskANN rows are skipped with the reason and the rest
+runs. ``bench/diskann_worker.py`` runs in that venv as a child process for the whole run, driven
+through a pipe, so its timing blocks alternate with FAISS's in ``interleaved``; its QPS is timed
+inside the worker around the search calls, as FAISS's is around its own (the pipe's round trip,
+once per block, is in the JSON as ``qps_with_pipe``), and its Intel OpenMP threads sleep between
+blocks (``KMP_BLOCKTIME=0``) rather than spin 200 ms into the next. Built as knowhere builds it
+for Milvus, with milvus.yaml's ``common.DiskIndex`` defaults: max_degree 56, build
+search_list_size 100, PQ codes budgeted at 0.125 of the raw vectors' size (256 bytes per 512-d
+vector), a node cache of 0.1 of it (knowhere's sizing: ((degree + 1) x 4 + 4 x dim) x 1.2 bytes
+per node) picked from the build's sample vectors, search beam width 8 (knowhere's default, and
+Milvus's min(4 x CPUs, 16) on 2 cores). Metric "mips", which DiskANN's disk index serves as L2
+on the vectors with one dimension appended (zero for unit vectors), as Milvus serves IP. Swept
+over the search list size L (Milvus's ``search_list``: at least k, at most 200 at k 10 in
+knowhere; the service sends ``IndexConfig.search_list``, 100), batched (one ``batch_search``, on
+1 thread and on all) and one query per call (``search``), as FAISS. Two contenders: "DiskANN
+disk" (``build_disk_index`` + ``StaticDiskIndex``, what Milvus runs: PQ codes in memory, graph
+and full vectors on disk, read with direct I/O past the page cache) and "DiskANN memory"
+(``build_memory_index`` + ``StaticMemoryIndex``: the graph alone, without PQ and disk reads;
+same degree and build L, metric "l2", which ranks unit vectors as inner product does and builds
+the graph as the disk index does). The goal above applies to each.
+
     python bench/bench_index.py [--rows 100000] [--queries 1000] [--milvus-queries 200]
                                 [--rounds 2] [--ef 16,32,64,128,256] [--no-grocery] [--json PATH]
-                                [--server]
+                                [--server] [--no-diskann] [--diskann-venv PATH]
+                                [--diskann-l 10,16,32,64,100,128] [--diskann-index disk,memory]
 """
 
 from __future__ import annotations
@@ -47,10 +73,11 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +101,22 @@ BOUNDED = "srv Bounded"  # the threads column of server searches at consistency 
 IDS_ONLY = "ids only"  # appended to the threads column of searches returning no fields
 # The primary key alone: an empty list makes Milvus Lite return every field, vectors included.
 ID_FIELD = ["image_id"]
+# DiskANN itself: diskannpy in a venv of its own (it pins numpy 1.25), built and searched as
+# knowhere does for Milvus with milvus.yaml's common.DiskIndex defaults.
+DISKANNPY = "diskannpy==0.7.0"
+DISKANN_PYTHON = "3.11"  # the version the venv is made with (diskannpy 0.7.0 has its wheels)
+DISKANN_VENV = Path(os.environ.get("VITRINE_DISKANN_VENV", CACHE / "diskann-venv"))
+DISKANN_WORKER = Path(__file__).resolve().with_name("diskann_worker.py")
+DISKANN_KINDS = ("disk", "memory")
+DISKANN_NAMES = {"disk": "DiskANN disk", "memory": "DiskANN memory"}
+# "mips" on disk is L2 on the vectors plus one dimension; "l2" in memory builds the same graph.
+DISKANN_METRIC = {"disk": "mips", "memory": "l2"}
+DISKANN_MAX_DEGREE = 56  # MaxDegree
+DISKANN_BUILD_L = 100  # SearchListSize (the build's)
+DISKANN_PQ_RATIO = 0.125  # PQCodeBudgetGBRatio
+DISKANN_CACHE_RATIO = 0.1  # SearchCacheBudgetGBRatio
+DISKANN_BEAM_WIDTH = 8  # knowhere's default; Milvus: min(BeamWidthRatio 4 x CPUs, 16)
+DISKANN_MAX_L = 200  # knowhere refuses a search_list above max(200, 10 k)
 
 
 # --- data -------------------------------------------------------------------------------
@@ -316,6 +359,226 @@ class MilvusContender:
         self.store.close()
 
 
+class DiskANNError(RuntimeError):
+    """The DiskANN worker failed or went away."""
+
+
+def uv_command() -> list[str] | None:
+    """How to run uv here: on PATH, else as a module of this Python or of the system's."""
+    found = shutil.which("uv")
+    candidates = [[found]] if found else []
+    candidates += [[sys.executable, "-m", "uv"], ["python3", "-m", "uv"]]
+    for command in candidates:
+        try:
+            done = subprocess.run([*command, "--version"], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
+            return command
+    return None
+
+
+def _imports_diskann(python: Path) -> bool:
+    if not python.is_file():
+        return False
+    done = subprocess.run(
+        [str(python), "-I", "-c", "import diskannpy, numpy"], capture_output=True, timeout=120
+    )
+    return done.returncode == 0
+
+
+def diskann_python(venv: Path) -> tuple[Path | None, str]:
+    """The Python of the diskann venv, made with uv when it is missing or broken.
+
+    Returns (python, how it was found) or (None, why there is none): no uv, or a uv step that
+    failed (no network, no Python 3.11 to be had). Made under a lock, so two runs do not
+    make it at once.
+    """
+    import fcntl
+
+    python = venv / "bin" / "python"
+    if _imports_diskann(python):
+        return python, f"venv {venv}"
+    uv = uv_command()
+    if uv is None:
+        return None, (
+            f"no uv to make the diskannpy venv at {venv} (pip install uv, or point "
+            "--diskann-venv / VITRINE_DISKANN_VENV at a venv that has diskannpy)"
+        )
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _imports_diskann(python):  # made meanwhile by another run
+            return python, f"venv {venv}"
+        print(f"DiskANN: making a venv for {DISKANNPY} at {venv} (once)", flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = (
+            ["venv", "--python", DISKANN_PYTHON, str(venv)],
+            ["pip", "install", "--python", str(python), DISKANNPY],
+        )
+        for step in steps:
+            print(f"  $ {' '.join([*uv, *step])}", flush=True)
+            try:
+                done = subprocess.run([*uv, *step], capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.SubprocessError) as error:
+                return None, f"`uv {step[0]}` for the diskannpy venv failed: {error}"
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+                return None, f"`uv {' '.join(step[:2])}` failed ({done.returncode}): {lines[-1]}"
+        if not _imports_diskann(python):
+            return None, f"{DISKANNPY} installed at {venv} but does not import"
+    return python, f"venv {venv}, made now"
+
+
+class DiskANNWorker:
+    """`bench/diskann_worker.py` as a child process of the diskann venv's Python, driven by
+    one JSON line per command on its stdin; its stderr (DiskANN's logging) goes to a file."""
+
+    def __init__(self, python: Path, folder: Path):
+        self.folder = folder
+        self.log_path = folder / "diskann-worker.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 -- open while the worker lives
+        # -I: the project's paths and PYTHON* variables stay out of the worker. diskannpy's
+        # OpenMP is Intel's, whose threads spin 200 ms after each parallel region (a core
+        # taken from the block timed next, FAISS's or Milvus's); KMP_BLOCKTIME 0 puts them to
+        # sleep at once, as FAISS's libgomp nearly does.
+        self.process = subprocess.Popen(
+            [str(python), "-I", str(DISKANN_WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env={"KMP_BLOCKTIME": "0", **os.environ},
+        )
+        self.hello = self._reply()
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """Send one command; its reply, or DiskANNError with the worker's words."""
+        try:
+            self.process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+            self.process.stdin.flush()
+        except OSError as error:
+            raise DiskANNError(f"DiskANN worker gone ({error}); {self._log_tail()}") from None
+        return self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise DiskANNError(f"DiskANN worker exited ({code}); {self._log_tail()}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise DiskANNError(f"DiskANN worker: {reply.get('error')}")
+        return reply
+
+    def _log_tail(self) -> str:
+        self._log.flush()
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        return "its log ends: " + " | ".join(lines[-3:]) if lines else "its log is empty"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError, DiskANNError):
+                self.call("quit")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def open_diskann(venv: Path) -> Iterator[tuple[DiskANNWorker | None, str]]:
+    """The DiskANN worker for the whole run, and how its venv was found; (None, the reason)
+    when the venv cannot be made or the worker does not start."""
+    python, how = diskann_python(venv)
+    worker = None
+    folder = Path(tempfile.mkdtemp(prefix="vitrine-bench-diskann-"))
+    try:
+        if python is not None:
+            try:
+                worker = DiskANNWorker(python, folder)
+            except (OSError, DiskANNError) as error:
+                how = f"the DiskANN worker did not start: {error}"
+        yield worker, how
+    finally:
+        if worker is not None:
+            worker.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class DiskANNContender:
+    """DiskANN's own indexes over one dataset, built and searched in the worker."""
+
+    def __init__(self, worker: DiskANNWorker, base: np.ndarray, queries: np.ndarray, kinds):
+        self.worker = worker
+        self.kinds = list(kinds)
+        self.folder = Path(tempfile.mkdtemp(prefix="data-", dir=worker.folder))
+        self.queries = str(self.folder / "queries.npy")
+        np.save(self.folder / "base.npy", base)
+        np.save(self.queries, queries)
+        self.seconds: dict[str, float] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        threads = os.cpu_count() or 1
+        for kind in self.kinds:
+            reply = worker.call(
+                "build",
+                kind=kind,
+                base=str(self.folder / "base.npy"),
+                folder=str(self.folder / kind),
+                metric=DISKANN_METRIC[kind],
+                max_degree=DISKANN_MAX_DEGREE,
+                build_complexity=DISKANN_BUILD_L,
+                pq_code_budget_ratio=DISKANN_PQ_RATIO,
+                cache_budget_ratio=DISKANN_CACHE_RATIO,
+                threads=threads,
+            )
+            self.seconds[f"diskann_{kind}_build"] = reply["seconds"]
+            self.seconds[f"diskann_{kind}_load"] = reply["load_seconds"]
+            self.info[kind] = reply["info"]
+            stage(f"{DISKANN_NAMES[kind]} built in {reply['seconds']:.1f} s: {self.describe(kind)}")
+
+    def describe(self, kind: str) -> str:
+        info = self.info[kind]
+        text = (
+            f"metric {info['metric']}, max_degree {DISKANN_MAX_DEGREE}, build L {DISKANN_BUILD_L}"
+        )
+        if kind == "disk":
+            text += (
+                f", PQ {info['pq_bytes_per_vector']} bytes/vector ({DISKANN_PQ_RATIO} of "
+                f"{4 * info['dim']}), {info['cached_nodes']} nodes cached, "
+                f"{info['disk_index_bytes'] / 2**20:.0f} MiB on disk, beam width "
+                f"{DISKANN_BEAM_WIDTH}"
+            )
+        return text
+
+    def search(
+        self, kind: str, L: int, threads: int, one_by_one: bool, count: int, repeats: int = 1
+    ) -> tuple[np.ndarray | None, float]:
+        """(ids of the first repeat, when repeats is 1; seconds of all, timed in the worker)."""
+        ids = str(self.folder / "ids.npy") if repeats == 1 else None
+        reply = self.worker.call(
+            "search",
+            index=kind,
+            queries=self.queries,
+            count=count,
+            k=K,
+            complexity=L,
+            threads=threads,
+            beam_width=DISKANN_BEAM_WIDTH,
+            one_by_one=one_by_one,
+            repeats=repeats,
+            ids=ids,
+        )
+        return (np.load(ids) if ids else None), reply["seconds"]
+
+    def close(self) -> None:
+        with contextlib.suppress(DiskANNError):
+            self.worker.call("drop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # --- one dataset --------------------------------------------------------------------------
 
 
@@ -325,6 +588,7 @@ def run_dataset(
     queries: np.ndarray,
     args: argparse.Namespace,
     server_uri: str | None = None,
+    diskann: tuple[DiskANNWorker | None, str] = (None, "not asked for"),
 ) -> dict[str, Any]:
     threads = os.cpu_count() or 1
     efs = args.ef
@@ -340,8 +604,22 @@ def run_dataset(
     exact_first = time.perf_counter() - tick
     stage(f"exact top {K}: {exact_first:.1f} s; building FAISS HNSW")
     hnsw, faiss_build = faiss_hnsw(base, threads)
-    stage(f"FAISS HNSW built in {faiss_build:.1f} s; inserting into Milvus")
+    stage(f"FAISS HNSW built in {faiss_build:.1f} s")
 
+    worker, diskann_skipped = diskann
+    dk: DiskANNContender | None = None
+    if worker is not None:
+        stage(f"building DiskANN ({', '.join(args.diskann_index)}) in its worker")
+        try:
+            dk = DiskANNContender(worker, base, queries, args.diskann_index)
+        except DiskANNError as error:
+            diskann_skipped = f"the DiskANN build failed: {error}"
+            with contextlib.suppress(DiskANNError):
+                worker.call("drop")  # what it did build
+    if dk is None:
+        stage(f"DiskANN rows skipped: {diskann_skipped}")
+
+    stage("inserting into Milvus")
     folder = Path(tempfile.mkdtemp(prefix="vitrine-bench-index-"))
     try:
         milvus = MilvusContender(base, folder, server_uri)
@@ -445,12 +723,46 @@ def run_dataset(
                     run = lambda ef=ef, sub=sub, one=one: milvus.search(sub, ef, one, "Bounded")  # noqa: E731
                     found = add(milvus.name, f"ef={ef}", BOUNDED, mode, run, n, once(run))
                     rows[-1]["recall"] = recall_at_k(found, truth[:n])
+
+        worker_seconds: dict[str, float] = {}  # DiskANN blocks: the time the worker measured
+
+        def add_diskann(kind: str, L: int, n_threads: int, mode: str, n: int) -> None:
+            """A DiskANN block: one command per block, its repeats run in the worker."""
+            one = mode != "batched"
+            found, first = dk.search(kind, L, n_threads, one, n)
+            reps = max(1, min(1000, math.ceil(MIN_BLOCK_SECONDS / max(first, 1e-6))))
+            key = f"{DISKANN_NAMES[kind]} L={L} {n_threads} {mode}"
+            rows.append(
+                {"contender": DISKANN_NAMES[kind], "params": f"L={L}", "threads": str(n_threads)}
+                | {"mode": mode, "queries": n, "repeats": reps, "key": key}
+                | {"recall": recall_at_k(found, truth[:n])}
+            )
+            worker_seconds[key] = 0.0
+
+            def timed() -> int:
+                worker_seconds[key] += dk.search(kind, L, n_threads, one, n, reps)[1]
+                return n * reps
+
+            blocks[key] = timed
+
+        if dk is not None:
+            for kind in dk.kinds:
+                for L in args.diskann_l:
+                    for n_threads in (1, threads):
+                        add_diskann(kind, L, n_threads, "batched", len(queries))
+                    add_diskann(kind, L, 1, "one per call", m)
         qps = interleaved(blocks, args.rounds)
         milvus.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if dk is not None:
+            dk.close()
     for row in rows:
-        row["qps"] = qps[row.pop("key")]
+        key = row.pop("key")
+        row["qps"] = qps[key]
+        if key in worker_seconds:  # timed in the worker; the pipe's round trips left out
+            row["qps_with_pipe"] = qps[key]
+            row["qps"] = row["queries"] * row["repeats"] * args.rounds / worker_seconds[key]
 
     print(f"{'contender':18} {'params':11} {'threads':23} {'mode':13} {'recall@10':>9} {'QPS':>10}")
     for row in rows:
@@ -459,6 +771,8 @@ def run_dataset(
             f"{row['recall']:9.4f} {row['qps']:10.1f}"
         )
     seconds = {"exact_first_pass": exact_first, "faiss_add": faiss_build, **milvus.seconds}
+    if dk is not None:
+        seconds |= dk.seconds
     print(
         f"build: FAISS HNSW add {faiss_build:.1f} s ({threads} threads); {milvus.name} insert "
         f"{milvus.seconds['insert']:.1f} s, build_index {milvus.seconds['build_index']:.1f} s, "
@@ -472,6 +786,12 @@ def run_dataset(
         f"pass) -- what the index step's verification sees"
     )
     print(f"Milvus searched above (closed, reopened, loaded): {describe(files)}")
+    if dk is not None:
+        for kind in dk.kinds:
+            print(
+                f"{DISKANN_NAMES[kind]}: built in {dk.seconds[f'diskann_{kind}_build']:.1f} s "
+                f"(+ {dk.seconds[f'diskann_{kind}_load']:.1f} s to open), {dk.describe(kind)}"
+            )
     result = {
         "dataset": title,
         "rows": len(base),
@@ -485,6 +805,19 @@ def run_dataset(
         "milvus_files_after_build_index": built_files,
         "milvus_after_build_index": {"ef": default_ef, "recall": built_recall, "qps": built_qps},
         "milvus_files": files,
+        "diskann": (
+            {"skipped": diskann_skipped}
+            if dk is None
+            else {
+                "diskannpy": worker.hello["diskannpy"],
+                "beam_width": DISKANN_BEAM_WIDTH,
+                "max_degree": DISKANN_MAX_DEGREE,
+                "build_search_list_size": DISKANN_BUILD_L,
+                "pq_code_budget_gb_ratio": DISKANN_PQ_RATIO,
+                "search_cache_budget_gb_ratio": DISKANN_CACHE_RATIO,
+                "indexes": dk.info,
+            }
+        ),
         "table": rows,
         "comparison": compare(rows, threads, milvus.name, milvus.threads),
     }
@@ -502,6 +835,14 @@ def run_dataset(
             "search-time consistency Bounded (not what VectorStore.search sends): "
             + result["comparison_bounded"]["line"]
         )
+    if dk is None:
+        print(f"DiskANN skipped: {diskann_skipped}")
+    else:
+        for kind in dk.kinds:
+            name = DISKANN_NAMES[kind]
+            found = compare(rows, threads, name, str(threads), where_one="1", label=name)
+            result[f"comparison_diskann_{kind}"] = found
+            print(found["line"])
     return result
 
 
@@ -533,20 +874,28 @@ def first_reaching(rows: list[dict], contender: str, threads: str, mode: str) ->
     return None
 
 
+def _threads(count: str) -> str:
+    return f"{count} thread{'s' if count != '1' else ''}"
+
+
 def compare(
     rows: list[dict],
     threads: int,
     contender: str = "Milvus Lite HNSW",
     where: str = "in-process",
+    where_one: str | None = None,
+    label: str = "Milvus",
 ) -> dict[str, Any]:
-    """Milvus QPS / FAISS HNSW QPS, each at its smallest ef reaching recall@10 >= 0.95."""
+    """The contender's QPS / FAISS HNSW QPS, each at its smallest ef (L) reaching recall@10
+    >= 0.95; ``where`` (``where_one``) picks the contender's batched (one per call) rows by
+    their threads column, ``label`` names it in the line (and its key, lower-cased)."""
     pairs = {
         "batched": (
             first_reaching(rows, contender, where, "batched"),
             first_reaching(rows, "FAISS HNSW", str(threads), "batched"),
         ),
         "one per call": (
-            first_reaching(rows, contender, where, "one per call"),
+            first_reaching(rows, contender, where_one or where, "one per call"),
             first_reaching(rows, "FAISS HNSW", "1", "one per call"),
         ),
     }
@@ -554,26 +903,28 @@ def compare(
     parts = []
     for mode, (mine, theirs) in pairs.items():
         if mine is None or theirs is None:
-            who = "Milvus" if mine is None else "FAISS HNSW"
+            who = label if mine is None else "FAISS HNSW"
             out[mode] = {"ratio": None, "passed": False}
             parts.append(f"{mode}: {who} never reaches recall@10 {GOAL_RECALL} -> FAIL")
             continue
         ratio = mine["qps"] / theirs["qps"]
         out[mode] = {
             "ratio": ratio,
-            "milvus": mine["params"],
+            label.split()[0].lower(): mine["params"],  # "milvus", "diskann"
             "faiss": theirs["params"],
             "passed": ratio >= GOAL_RATIO,
         }
-        faiss_threads = f"{theirs['threads']} thread{'s' if theirs['threads'] != '1' else ''}"
+        # Thread counts where the threads column has one (Milvus's says where it runs).
+        mine_threads = f" ({_threads(mine['threads'])})" if mine["threads"].isdigit() else ""
         parts.append(
-            f"{mode}: Milvus {mine['params']} {mine['qps']:.1f} / FAISS {theirs['params']} "
-            f"({faiss_threads}) {theirs['qps']:.1f} = {ratio:.3f} -> "
+            f"{mode}: {label} {mine['params']}{mine_threads} {mine['qps']:.1f} / FAISS "
+            f"{theirs['params']} ({_threads(theirs['threads'])}) {theirs['qps']:.1f} = "
+            f"{ratio:.3f} -> "
             f"{'PASS' if ratio >= GOAL_RATIO else 'FAIL'}"
         )
     out["passed"] = all(out[mode]["passed"] for mode in pairs)
     out["line"] = (
-        f"ratio Milvus QPS / FAISS HNSW QPS at recall@10 >= {GOAL_RECALL} (goal >= {GOAL_RATIO}): "
+        f"ratio {label} QPS / FAISS HNSW QPS at recall@10 >= {GOAL_RECALL} (goal >= {GOAL_RATIO}): "
         + "; ".join(parts)
     )
     return out
@@ -608,12 +959,43 @@ def main() -> None:
         help="Milvus contender: a real Milvus standalone server (the `milvus` package's, on "
         "loopback, temp data folder; tests/milvus_server.py) instead of Milvus Lite",
     )
+    parser.add_argument(
+        "--no-diskann", action="store_true", help="skip the DiskANN (diskannpy) contender"
+    )
+    parser.add_argument(
+        "--diskann-venv",
+        type=Path,
+        default=DISKANN_VENV,
+        help=f"the venv holding {DISKANNPY}, made with uv when missing (default: "
+        "$VITRINE_DISKANN_VENV, else diskann-venv in the bench cache)",
+    )
+    parser.add_argument(
+        "--diskann-l",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[10, 16, 32, 64, 100, 128],
+        help=f"DiskANN search list sizes L (Milvus's search_list; the service's is 100), "
+        f"comma-separated, ascending, {K} to {DISKANN_MAX_L}",
+    )
+    parser.add_argument(
+        "--diskann-index",
+        type=lambda s: s.split(","),
+        default=list(DISKANN_KINDS),
+        help="DiskANN indexes to build: disk (what Milvus runs), memory (the graph alone), "
+        "comma-separated",
+    )
     args = parser.parse_args()
+    if any(not K <= L <= DISKANN_MAX_L for L in args.diskann_l):
+        parser.error(f"--diskann-l: each L must be in [{K}, {DISKANN_MAX_L}] (k is {K})")
+    if not args.diskann_index or set(args.diskann_index) - set(DISKANN_KINDS):
+        parser.error(f"--diskann-index: a comma-separated subset of {','.join(DISKANN_KINDS)}")
     with contextlib.ExitStack() as stack:
         server_uri = None
         if args.server:
             server_uri = stack.enter_context(milvus_server())
-        run(args, server_uri)
+        diskann: tuple[DiskANNWorker | None, str] = (None, "--no-diskann")
+        if not args.no_diskann:
+            diskann = stack.enter_context(open_diskann(args.diskann_venv))
+        run(args, server_uri, diskann)
 
 
 @contextlib.contextmanager
@@ -636,7 +1018,11 @@ def milvus_server():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, server_uri: str | None) -> None:
+def run(
+    args: argparse.Namespace,
+    server_uri: str | None,
+    diskann: tuple[DiskANNWorker | None, str] = (None, "not asked for"),
+) -> None:
     import faiss
 
     started = time.perf_counter()
@@ -651,8 +1037,16 @@ def run(args: argparse.Namespace, server_uri: str | None) -> None:
         f"{time.perf_counter() - started:.1f} s; {in_cluster:.0%} of a query's true top {K} "
         "is in its own cluster"
     )
+    worker, how = diskann
+    if worker is None:
+        print(f"DiskANN rows skipped: {how}")
+    else:
+        print(
+            f"DiskANN: diskannpy {worker.hello['diskannpy']} (numpy {worker.hello['numpy']}) "
+            f"in its worker process, {how}"
+        )
     results["clustered_top_k_in_own_cluster"] = in_cluster
-    results["clustered"] = run_dataset("clustered", base, queries, args, server_uri)
+    results["clustered"] = run_dataset("clustered", base, queries, args, server_uri, diskann)
     del base, queries
 
     if args.no_grocery:
@@ -665,7 +1059,7 @@ def run(args: argparse.Namespace, server_uri: str | None) -> None:
         picked = np.random.default_rng(0).choice(len(vectors), GROCERY_QUERIES, replace=False)
         rest = np.setdiff1d(np.arange(len(vectors)), picked)
         results["grocery"] = run_dataset(
-            "Grocery", vectors[rest], vectors[picked], args, server_uri
+            "Grocery", vectors[rest], vectors[picked], args, server_uri, diskann
         )
 
     total = time.perf_counter() - started
@@ -679,6 +1073,21 @@ def run(args: argparse.Namespace, server_uri: str | None) -> None:
         f"\n{total:.0f} s in all. Goal: Milvus recall@10 >= {GOAL_RECALL} at >= {GOAL_RATIO}x "
         f"FAISS HNSW QPS at equal recall, batched and one query per call: " + ", ".join(verdicts)
     )
+    diskann_verdicts = [
+        f"{name} {DISKANN_NAMES[kind]} {'PASS' if found['passed'] else 'FAIL'}"
+        for name in ("clustered", "grocery")
+        for kind in DISKANN_KINDS
+        if (found := results.get(name, {}).get(f"comparison_diskann_{kind}"))
+    ]
+    skipped = [
+        f"{name}: {results[name]['diskann']['skipped']}"
+        for name in ("clustered", "grocery")
+        if "skipped" in results.get(name, {}).get("diskann", {})
+    ]
+    if diskann_verdicts:
+        print("The same goal for DiskANN itself (diskannpy): " + ", ".join(diskann_verdicts))
+    if skipped:
+        print("DiskANN rows skipped: " + "; ".join(skipped))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
