@@ -90,18 +90,22 @@ class Worker:
         threads = command["threads"]
         metric = command["metric"]
         info: dict[str, object] = {"rows": rows, "dim": dim, "metric": metric}
+        # What both builds take: the vectors, the metric, the graph's degree and build L.
+        graph = {
+            "data": str(bin_path),
+            "vector_dtype": np.float32,
+            "distance_metric": metric,
+            "index_directory": str(folder),
+            "complexity": command["build_complexity"],
+            "graph_degree": command["max_degree"],
+            "num_threads": threads,
+        }
         started = time.perf_counter()
         if kind == "disk":
             diskannpy.build_disk_index(
-                data=str(bin_path),
-                vector_dtype=np.float32,
-                distance_metric=metric,
-                index_directory=str(folder),
-                complexity=command["build_complexity"],
-                graph_degree=command["max_degree"],
+                **graph,
                 search_memory_maximum=_pq_budget_gb(command["pq_code_budget_ratio"] * raw_gb),
                 build_memory_maximum=_free_memory_gb(),
-                num_threads=threads,
             )
             seconds = time.perf_counter() - started
             # The PQ codes DiskANN made (bytes per vector) and the dimension it indexed (one
@@ -121,15 +125,7 @@ class Worker:
                 cache_mechanism=1,  # from the build's sample vectors, as knowhere by default
             )
         elif kind == "memory":
-            diskannpy.build_memory_index(
-                data=str(bin_path),
-                vector_dtype=np.float32,
-                distance_metric=metric,
-                index_directory=str(folder),
-                complexity=command["build_complexity"],
-                graph_degree=command["max_degree"],
-                num_threads=threads,
-            )
+            diskannpy.build_memory_index(**graph)
             seconds = time.perf_counter() - started
             tick = time.perf_counter()
             index = diskannpy.StaticMemoryIndex(
