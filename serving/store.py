@@ -488,27 +488,17 @@ class VectorStore:
         if not self.embedded:  # Lite builds when the collection is loaded
             self._wait_for_index(name, stall_s)
 
-    def _index_progress(self, name: str) -> dict[str, Any]:
-        """A server's index build as ``describe_index`` reports it."""
-        info = self._call(name, "describe_index", name, "embedding") or {}
-        return {
-            "state": str(info.get("state", "")),
-            "reason": str(info.get("index_state_fail_reason") or ""),
-            "total_rows": int(info.get("total_rows", 0)),
-            "indexed_rows": int(info.get("indexed_rows", 0)),
-            "pending_index_rows": int(info.get("pending_index_rows", 0)),
-        }
-
     def _wait_for_index(self, name: str, stall_s: float | None) -> None:
         """Poll a server's build until every row is indexed; raise StoreError when it fails,
         makes no progress for ``stall_s`` (None: no such limit), or outlasts the build timeout.
         """
         started = time.monotonic()
         while True:
-            progress = self._index_progress(name)
-            state, reason = progress["state"], progress["reason"]
-            total, indexed = progress["total_rows"], progress["indexed_rows"]
-            pending = progress["pending_index_rows"]
+            info = self._call(name, "describe_index", name, "embedding") or {}
+            state = str(info.get("state", ""))
+            reason = str(info.get("index_state_fail_reason") or "")
+            total, indexed = int(info.get("total_rows", 0)), int(info.get("indexed_rows", 0))
+            pending = int(info.get("pending_index_rows", 0))
             if reason or state.lower() == "failed":
                 raise StoreError(f"the index build failed: {reason or state}")
             if state.lower() == "finished" and pending == 0:
