@@ -1,6 +1,15 @@
-"""What image bytes claim to be, shared by catalogue validation and query uploads."""
+"""What image bytes claim to be, and how decoded pixels become the model's RGB: shared by
+catalogue validation, indexing, training and query uploads, so that a photo is seen the same
+way as a catalogue image and as a query."""
 
 from __future__ import annotations
+
+import logging
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 # Leading bytes of the formats Pillow reads: a file that starts like an image but does not
 # parse is a corrupt image, not a non-image.
@@ -28,3 +37,32 @@ def canonical_format(pillow_format: str | None) -> str:
     """Pillow's format name as users know it (``MPO`` is ``JPEG``); ``""`` when unknown."""
     name = pillow_format or ""
     return _FORMAT_ALIASES.get(name, name)
+
+
+# Grayscale modes wider than 8 bits (16-bit PNGs open as ``I;16``, older Pillow said ``I``).
+# Pillow's ``convert("RGB")`` clips their values at 255, which turns a photo nearly white.
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB (the same object when it already is); 16-bit grayscale is scaled
+    to 8 bits first rather than clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GRAY_MODES:
+        eight_bit = np.clip(np.asarray(image, dtype=np.float32) / 257.0 + 0.5, 0, 255)
+        image = Image.fromarray(eight_bit.astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image turned by its EXIF orientation (unreadable EXIF is ignored) and in RGB.
+
+    The orientation is applied in place and an RGB image is returned as it is: each copy
+    would cost about 0.05 ms on a 224 px photo, on every query.
+    """
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as err:  # malformed EXIF: the pixels are fine, keep them as stored
+        log.debug("ignoring unreadable EXIF orientation: %s: %s", type(err).__name__, err)
+    return rgb(image)

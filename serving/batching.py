@@ -227,15 +227,7 @@ class MicroBatcher:
                 if not request.future.done():
                     request.future.set_result(np.array(row, copy=True))
         finally:
-            self._report(len(batch), time.perf_counter() - start)
-
-    def _report(self, size: int, seconds: float) -> None:
-        if self.on_batch is None:
-            return
-        try:
-            self.on_batch(size, seconds)
-        except Exception:
-            log.exception("MicroBatcher on_batch callback failed")
+            notify(self.on_batch, len(batch), time.perf_counter() - start)
 
     def _fail_pending(self) -> None:
         while self._pending:
@@ -250,6 +242,17 @@ def _fail(batch: list[_Request], err: BaseException) -> None:
     for request in batch:
         if not request.future.done():
             request.future.set_exception(err)
+
+
+def notify(callback: Callable[..., None] | None, *args: Any) -> None:
+    """Call an observer (a metrics callback) if there is one; what it raises is logged, not
+    passed on: a broken metric must not fail the requests it measures."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("callback %r failed", callback)
 
 
 def digest(data: bytes) -> str:

@@ -26,7 +26,10 @@ MIN_DRIFT_QUERIES = 32
 
 
 def _open_image(uri: str):
+    """A catalogue photo, decoded upright and in RGB as the indexer decoded it."""
     from PIL import Image
+
+    from model.image_format import upright_rgb
 
     if "://" in uri and not uri.startswith("file://"):
         import fsspec
@@ -34,10 +37,10 @@ def _open_image(uri: str):
         with fsspec.open(uri, "rb") as handle:
             image = Image.open(handle)
             image.load()
-            return image
+            return upright_rgb(image)
     image = Image.open(uri.removeprefix("file://"))
     image.load()
-    return image
+    return upright_rgb(image)
 
 
 def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Normalize, PILToTensor, ToTensor
 
+from model.image_format import rgb
 from model.package import load_package, package_version
 from model.transforms import eval_transform
 
@@ -106,8 +107,7 @@ class Embedder:
         after the image steps, and :meth:`embed_prepared` scales and normalises them, the
         same operations in the same order; any other transform runs whole here.
         """
-        if image.mode != "RGB":  # convert() copies even an RGB image
-            image = image.convert("RGB")
+        image = rgb(image)  # not convert(), which copies even an RGB image
         if self._tensor_steps is None:
             return self._transform(image)
         for step in self._image_steps:

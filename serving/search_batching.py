@@ -13,13 +13,13 @@ running, new searches queue and go together when one returns.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from serving.batching import notify
+
 Hits = list[dict[str, Any]]
 # (collection, vectors [n, dim], limit, spec, filter) -> hits per vector, as VectorStore.search.
 SearchFn = Callable[[str, np.ndarray, int, Any, str], list[Hits]]
@@ -99,7 +99,7 @@ class SearchBatcher:
         collection, limit, filter_expr, _ = key
         try:
             vectors = np.stack([vector for vector, _ in batch])
-            self._report(len(batch))
+            notify(self.on_call, len(batch))
             found = await asyncio.to_thread(
                 self.search_fn, collection, vectors, limit, spec, filter_expr
             )
@@ -125,11 +125,3 @@ class SearchBatcher:
                 self._send(key)
             elif key not in self._in_flight:
                 self._specs.pop(key, None)
-
-    def _report(self, size: int) -> None:
-        if self.on_call is None:
-            return
-        try:
-            self.on_call(size)
-        except Exception:
-            log.exception("SearchBatcher on_call callback failed")

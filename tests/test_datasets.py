@@ -417,6 +417,28 @@ def test_image_dataset_converts_to_rgb(tmp_path: Path) -> None:
     assert ds[0][0].shape == ds[1][0].shape == (3, 4, 4)
 
 
+def test_image_dataset_decodes_as_query_uploads_are_decoded(tmp_path: Path) -> None:
+    """A catalogue photo is embedded as the same photo uploaded as a query would be: turned
+    by its EXIF orientation, and 16-bit grayscale scaled rather than clipped."""
+    from serving.uploads import UploadLimits, decode_upload
+
+    sideways = Image.new("RGB", (40, 20), "blue")
+    sideways.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    sideways.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (20, 1))
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    (tmp_path / "Ebay_train.txt").write_text(SOP_HEADER + "1 1 1 phone.jpg\n2 1 1 wide.png\n")
+    (tmp_path / "Ebay_test.txt").write_text(SOP_HEADER + "1 2 1 phone.jpg\n")
+    ds = ImageFileDataset(load_sop(tmp_path).train, np.asarray)
+    for name, (pixels, _, _) in zip(("phone.jpg", "wide.png"), (ds[0], ds[1]), strict=True):
+        query = decode_upload((tmp_path / name).read_bytes(), None, UploadLimits())
+        np.testing.assert_array_equal(pixels, np.asarray(query))
+    assert ds[0][0].shape == (40, 20, 3)  # upright: 20 wide, 40 high
+    assert ds[1][0].max() == 255 and abs(ds[1][0].mean() - 127.5) < 2
+
+
 def test_collate_drops_unreadable(image_records: list) -> None:
     loader = DataLoader(
         ImageFileDataset(image_records, to_tensor),

@@ -164,3 +164,16 @@ def test_limits_must_be_positive() -> None:
         SearchBatcher(Recorder(), max_batch=0)
     with pytest.raises(ValueError):
         SearchBatcher(Recorder(), max_in_flight=0)
+
+
+def test_a_failing_metrics_callback_does_not_fail_the_search(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def on_call(size: int) -> None:
+        raise RuntimeError("metrics down")
+
+    async def main() -> list:
+        return await SearchBatcher(Recorder(), on_call=on_call).search("c", _vector(7), 1, SPEC, "")
+
+    assert asyncio.run(main())[0]["image_id"] == "7.0"
+    assert "metrics down" in caplog.text

@@ -165,6 +165,18 @@ def test_exif_orientation_is_applied() -> None:
     assert blue[2] > 200 and blue[0] < 60
 
 
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped() -> None:
+    # A 16-bit PNG opens as mode I;16; Pillow's convert("RGB") would clip every value over
+    # 255, turning a mid-gray photo white.
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))
+    data = _encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    pixels = np.asarray(decode_upload(data, "image/png", LIMITS))
+    assert pixels.shape == (48, 64, 3)
+    assert (pixels[:, 0] == 0).all() and (pixels[:, -1] == 255).all()
+    assert abs(pixels.mean() - 127.5) < 2
+
+
 def test_limits_apply_exactly_at_the_boundary() -> None:
     data = _encode(_photo(16, 16), "PNG")
     assert decode_upload(data, None, UploadLimits(max_bytes=len(data), max_pixels=256)).size == (

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from model.datasets.records import ImageRecord
+from model.image_format import upright_rgb
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,12 @@ class ImageFileDataset(Dataset):
 
 
 def _open_rgb(record: ImageRecord) -> Image.Image | None:
-    """Decode an image file fully into RGB, or None (logged at debug level) if that fails."""
+    """Decode an image file fully, upright and in RGB as a query upload is, or None (logged at
+    debug level) if that fails."""
     try:
         with Image.open(record.path) as image:
-            return image.convert("RGB")
+            image.load()
+            return upright_rgb(image)
     except _UNREADABLE as err:
         log.debug("unreadable image %s: %s: %s", record.path, type(err).__name__, err)
         return None
