@@ -41,7 +41,12 @@ def rollout_service(
     """
     import httpx
 
-    token = token if token is not None else os.environ.get(ADMIN_TOKEN_ENV, "")
+    token = (token if token is not None else os.environ.get(ADMIN_TOKEN_ENV, "")).strip()
+    if not token:
+        raise ServiceError(
+            f"no admin token: set {ADMIN_TOKEN_ENV} (or pass --token) to the token the "
+            "service was started with"
+        )
     body = {"collection": collection} if collection else {}
     try:
         response = httpx.post(

@@ -107,8 +107,9 @@ class Measure:
             # The router records the matched route in the scope it was given.
             path = getattr(scope.get("route"), "path", "unmatched")
             metrics = self.metrics()
-            metrics.requests.labels(path, scope["method"], str(status)).inc()
-            metrics.latency.labels(path, scope["method"]).observe(time.perf_counter() - started)
+            labels = (path, scope["method"], str(status))
+            metrics.requests.labels(*labels).inc()
+            metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
 
 async def _load_until_ready(app: FastAPI) -> None:

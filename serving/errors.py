@@ -7,10 +7,12 @@ never a traceback.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.store import StoreError, StoreUnavailable
@@ -36,6 +38,39 @@ class NotReady(ApiError):
 
 def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
     return {"error": {"code": code, "message": message, **extra}}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable, e.g. unsupported_media_type")
+    message: str = Field(description="what went wrong and what to do, for a person")
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="for invalid_request: each invalid field's loc and msg"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers, whatever its status."""
+
+    error: ErrorDetail
+
+
+_WHEN = {
+    400: "the upload is empty, not an image, corrupt or too small",
+    401: "no admin token",
+    403: "a wrong admin token, or admin endpoints are disabled",
+    404: "no such product, image or collection",
+    409: "refused: the collection cannot be rolled out, or has no canary",
+    413: "the upload is over the byte or pixel limit",
+    415: "the upload's content type or image format is not accepted",
+    422: "a parameter is missing or invalid",
+    503: "nothing is loaded yet, or Milvus is unreachable (retry)",
+}
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route's OpenAPI operation: its error statuses and their body
+    (in place of FastAPI's default 422 schema, which this service never sends)."""
+    return {status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
 
 
 def install_error_handlers(app: FastAPI, count_error) -> None:

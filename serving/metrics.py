@@ -19,7 +19,7 @@ class ServiceMetrics:
         self.latency = Histogram(
             "vitrine_http_request_seconds",
             "HTTP request latency",
-            ["route", "method"],
+            ["route", "method", "status"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,11 +13,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from serving.batching import digest
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
-from serving.errors import ApiError
+from serving.errors import ApiError, documented_errors
 from serving.pair import ServingPair
 from serving.search import image_url, milvus_filter, search_vector
-from serving.uploads import UploadLimits, decode_upload
+from serving.uploads import UploadLimits, check_content_type, decode_upload
 
 router = APIRouter()
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -42,6 +42,14 @@ class SearchResponse(BaseModel):
     index_type: str
     took_ms: float
     stages_ms: dict[str, float]
+
+
+class ProductUpdate(BaseModel):
+    """Catalogue fields to set on every photo of a product; those left out stay as they are."""
+
+    category: str | None = Field(default=None, min_length=1, max_length=512)
+    title: str | None = Field(default=None, min_length=1, max_length=500)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class RolloutRequest(BaseModel):
@@ -85,14 +93,15 @@ async def _embed_upload(
     timings: dict[str, float],
 ):
     """Decode (with limits) and embed an upload; recent identical uploads hit the cache."""
-    key = hashlib.sha256(data).hexdigest()
+    limits = UploadLimits(
+        max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
+    )
+    check_content_type(content_type, limits)  # a cached upload is refused all the same
+    key = digest(data)
     cached = pair.cache.get(key)
     metrics.cache.labels("hit" if cached is not None else "miss").inc()
     if cached is not None:
         return cached, key
-    limits = UploadLimits(
-        max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
-    )
     # Off the model's threads (see Embedder.prepare), in one hop.
     prepared = await asyncio.to_thread(_decode_and_prepare, pair, data, content_type, limits)
     model_input, timings["decode"], timings["prepare"] = prepared
@@ -123,7 +132,12 @@ async def _read_upload(image: UploadFile, settings: Any) -> bytes:
     return data
 
 
-@router.post("/v1/search/image", response_model=SearchResponse, tags=["search"])
+@router.post(
+    "/v1/search/image",
+    response_model=SearchResponse,
+    responses=documented_errors(400, 413, 415, 422, 503),
+    tags=["search"],
+)
 async def search_by_image(
     holder: HolderDep,
     store: StoreDep,
@@ -150,7 +164,12 @@ async def search_by_image(
         return _response(pair, results, started, timings)
 
 
-@router.get("/v1/search/product/{product_id}", response_model=SearchResponse, tags=["search"])
+@router.get(
+    "/v1/search/product/{product_id:path}",
+    response_model=SearchResponse,
+    responses=documented_errors(404, 422, 503),
+    tags=["search"],
+)
 async def search_by_product(
     product_id: str,
     holder: HolderDep,
@@ -182,7 +201,9 @@ async def search_by_product(
         return _response(pair, results, started, timings)
 
 
-@router.get("/v1/products/{product_id}", tags=["catalogue"])
+@router.get(
+    "/v1/products/{product_id:path}", tags=["catalogue"], responses=documented_errors(404, 422, 503)
+)
 async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
     """A product's images and catalogue fields."""
     async with holder.use() as pair:
@@ -199,7 +220,9 @@ async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
     }
 
 
-@router.get("/v1/images/{image_id}", tags=["catalogue"])
+@router.get(
+    "/v1/images/{image_id:path}", tags=["catalogue"], responses=documented_errors(404, 422, 503)
+)
 async def catalogue_image(image_id: str, holder: HolderDep, store: StoreDep) -> Response:
     """A catalogue photo by image id (only files the served collection lists)."""
     async with holder.use() as pair:
@@ -229,7 +252,7 @@ def _sniff_image_type(path: Path) -> str | None:
     return None
 
 
-@router.get("/v1/info", tags=["service"])
+@router.get("/v1/info", tags=["service"], responses=documented_errors(503))
 async def info(holder: HolderDep) -> dict:
     """The model and collection being served, and the catalogue's categories."""
     async with holder.use() as pair:
@@ -241,7 +264,12 @@ async def info(holder: HolderDep) -> dict:
         }
 
 
-@router.post("/v1/admin/products", tags=["admin"], status_code=201)
+@router.post(
+    "/v1/admin/products",
+    tags=["admin"],
+    status_code=201,
+    responses=documented_errors(400, 401, 403, 413, 415, 422, 503),
+)
 async def add_product(
     _: AdminDep,
     holder: HolderDep,
@@ -275,20 +303,88 @@ async def add_product(
             "embedding": vector,
         }
         await asyncio.to_thread(store.upsert, pair.collection, [row])
+        # The product's other photos take the fields just sent: one product, one price.
+        fields = {"category": category, "title": title, "price": price}
+        before = await asyncio.to_thread(store.update_product, pair.collection, product_id, fields)
+        lost = {str(r.get("category", "")) for r in before} - {category, ""}
+        await _catalogue_changed(holder, pair, store, metrics, gained=category, lost=lost)
         return {"product_id": product_id, "image_id": key, "collection": pair.collection}
 
 
-@router.delete("/v1/admin/products/{product_id}", tags=["admin"])
-async def remove_product(product_id: str, _: AdminDep, holder: HolderDep, store: StoreDep) -> dict:
+@router.patch(
+    "/v1/admin/products/{product_id:path}",
+    tags=["admin"],
+    responses=documented_errors(401, 403, 404, 422, 503),
+)
+async def update_product(
+    product_id: str,
+    update: ProductUpdate,
+    _: AdminDep,
+    holder: HolderDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+) -> dict:
+    """Change a product's catalogue fields (category, title, price) on all its photos in the
+    live collection, without re-embedding: the next search filters and shows the new ones."""
+    fields = update.model_dump(exclude_none=True)
+    if not fields:
+        raise ApiError(422, "nothing_to_update", "send at least one of category, title, price")
+    async with holder.use() as pair:
+        before = await asyncio.to_thread(store.update_product, pair.collection, product_id, fields)
+        if not before:
+            raise ApiError(404, "unknown_product", f"no product {product_id!r}")
+        gained = fields.get("category", "")
+        lost = {str(r.get("category", "")) for r in before} - {gained, ""} if gained else set()
+        await _catalogue_changed(holder, pair, store, metrics, gained=gained, lost=lost)
+    return {"product_id": product_id, "updated_images": len(before), **fields}
+
+
+@router.delete(
+    "/v1/admin/products/{product_id:path}",
+    tags=["admin"],
+    responses=documented_errors(401, 403, 404, 422, 503),
+)
+async def remove_product(
+    product_id: str, _: AdminDep, holder: HolderDep, store: StoreDep, metrics: MetricsDep
+) -> dict:
     """Remove every photo of a product from the live collection."""
     async with holder.use() as pair:
+        rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
+        if not rows:
+            raise ApiError(404, "unknown_product", f"no product {product_id!r}")
         removed = await asyncio.to_thread(store.delete_product, pair.collection, product_id)
-    if not removed:
-        raise ApiError(404, "unknown_product", f"no product {product_id!r}")
+        lost = {str(row.get("category", "")) for row in rows} - {""}
+        await _catalogue_changed(holder, pair, store, metrics, lost=lost)
     return {"product_id": product_id, "removed_images": removed}
 
 
-@router.post("/v1/admin/rollout", tags=["admin"])
+async def _catalogue_changed(
+    holder: Any,
+    pair: ServingPair,
+    store: Any,
+    metrics: Any,
+    gained: str = "",
+    lost: set[str] | None = None,
+) -> None:
+    """Keep what the service reports of its collection true after an admin add or remove:
+    the row count (``/readyz``, ``/v1/info``, ``vitrine_collection_rows``) and the categories
+    the page offers as a filter (a category goes once no row has it)."""
+    rows = await asyncio.to_thread(store.count, pair.collection)
+    categories = set(pair.metadata.get("categories", []))
+    if gained:
+        categories.add(gained)
+    for category in lost or ():
+        expr = milvus_filter(category)
+        if not await asyncio.to_thread(store.has_rows, pair.collection, expr):
+            categories.discard(category)
+    pair.metadata = {**pair.metadata, "rows": rows, "categories": sorted(categories)}
+    if holder.current is pair:
+        metrics.collection_rows.set(rows)
+
+
+@router.post(
+    "/v1/admin/rollout", tags=["admin"], responses=documented_errors(401, 403, 404, 409, 422)
+)
 async def rollout(
     _: AdminDep,
     holder: HolderDep,
@@ -319,7 +415,9 @@ async def rollout(
     return {"serving": new.describe(), "previous": previous}
 
 
-@router.post("/v1/admin/canary", tags=["admin"])
+@router.post(
+    "/v1/admin/canary", tags=["admin"], responses=documented_errors(401, 403, 409, 422, 503)
+)
 async def canary(_: AdminDep, holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> dict:
     """Run the recall canary now (it also runs every ``VITRINE_CANARY_INTERVAL_S``)."""
     return await run_canary_once(holder, store, metrics)

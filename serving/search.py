@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ def image_url(hit: dict[str, Any]) -> str:
     uri = str(hit.get("image_uri", ""))
     if "://" in uri and not uri.startswith("file://"):
         return uri
-    return f"/v1/images/{hit['image_id']}"
+    return f"/v1/images/{urllib.parse.quote(str(hit['image_id']), safe='')}"
 
 
 def shape_result(hit: dict[str, Any]) -> dict[str, Any]:

@@ -118,6 +118,34 @@ class IndexSpec:
     reason: str = ""
 
 
+def _lite_folder(uri: str) -> Path:
+    """The folder of a Lite store's collection files: the URI, less a ``.db`` suffix (only
+    that one: ``milvus.a`` and ``milvus.b`` are two stores)."""
+    path = Path(uri)
+    return path.with_suffix("") if path.suffix == ".db" else path
+
+
+def _locked_by_another_process(lock_file: Path) -> bool:
+    """Whether a process holds ``flock`` on Milvus Lite's ``LOCK`` file (taken and given
+    back at once when free). Call only for a file this process has not opened: a second
+    open of the same file in one process conflicts with the first too."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def is_embedded(uri: str) -> bool:
     """True for a Milvus Lite path, False for a server URI (``http(s)://``, ``tcp://``)."""
     return not re.match(r"^(https?|tcp|grpc|unix)://", uri)
@@ -194,7 +222,7 @@ class VectorStore:
         self.build_timeout = 3600  # raised to IndexConfig.build_timeout_s by build_index
         self.embedded = is_embedded(self.uri)
         self.lite_process = lite_process and self.embedded
-        self.folder = Path(self.uri).with_suffix("") if self.embedded else None
+        self.folder = _lite_folder(self.uri) if self.embedded else None
         self._clients: dict[str, Any] = {}
         self._lite_paths: dict[str, str] = {}  # collection -> the .db path its client holds
         self._lock = threading.RLock()
@@ -214,6 +242,13 @@ class VectorStore:
                             raise StoreError("Milvus Lite needs a collection to open its file")
                         self.folder.mkdir(parents=True, exist_ok=True)
                         path = os.path.abspath(self.folder / f"{collection}.db")
+                        if self.held_elsewhere(collection):
+                            raise StoreUnavailable(
+                                f"{path} is open in another process (a running `vitrine "
+                                "serve`, or a build): Milvus Lite lets one process open a "
+                                "collection. Stop that process, or switch a running service "
+                                "with `vitrine rollout`"
+                            )
                         with _LITE_LOCK:
                             client = MilvusClient(self._lite_uri(path))
                             self._clients[key] = client
@@ -233,6 +268,17 @@ class VectorStore:
                 except Exception as err:
                     raise StoreUnavailable(f"cannot reach Milvus at {self.uri}: {err}") from err
             return self._clients[key]
+
+    def held_elsewhere(self, name: str) -> bool:
+        """Milvus Lite: whether another process has collection ``name`` open (its file lock).
+        Always False on a server, where any number of clients share a collection."""
+        if not self.embedded:
+            return False
+        path = os.path.abspath(self.folder / f"{name}.db")
+        with _LITE_LOCK:
+            if _LITE_OPEN.get(path) or path in _LITE_CHILDREN:
+                return False  # this process (or its own Lite child) holds it
+            return _locked_by_another_process(Path(path) / "LOCK")
 
     def _lite_uri(self, path: str) -> str:
         """What ``MilvusClient`` opens for a Lite database: the path itself (Lite on threads of
@@ -650,10 +696,30 @@ class VectorStore:
         )
         return rows[0] if rows else None
 
+    def has_rows(self, name: str, filter_expr: str) -> bool:
+        """Whether any row matches the Milvus boolean expression ``filter_expr``."""
+        return bool(
+            self._call(name, "query", name, filter=filter_expr, output_fields=["image_id"], limit=1)
+        )
+
     def upsert(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or replace rows by ``image_id``."""
         if rows:
             self._call(name, "upsert", name, [_clean(row) for row in rows])
+
+    def update_product(
+        self, name: str, product_id: str, fields: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Set catalogue ``fields`` (category, title, price...) on every image row of a
+        product, embeddings untouched. Returns the product's rows as they were (empty: no
+        such product); only rows that change are written."""
+        rows = self.rows_of_product(name, product_id, with_embedding=True)
+        rows = [{**{k: v for k, v in row.items() if k != "$meta"}, **(row.get("$meta") or {})}
+                for row in rows]  # fmt: skip
+        changed = [{**row, **fields} for row in rows if any(row.get(k) != v for k, v in
+                   fields.items())]  # fmt: skip
+        self.upsert(name, changed)
+        return rows
 
     def delete_product(self, name: str, product_id: str) -> int:
         """Remove every image of a product; return how many rows were removed."""

@@ -160,10 +160,10 @@ def _assert_good_search(client, world: World, product_id: str = "P00004") -> dic
     return body
 
 
-def _new_product_photo() -> bytes:
+def _new_product_photo(seed: int = 123) -> bytes:
     """A photo of a product the catalogue does not have (the 13th of the same generator)."""
     product = make_products(PRODUCTS + 1)[-1]
-    photo = photograph(render_product(product), np.random.default_rng(123), 96)
+    photo = photograph(render_product(product), np.random.default_rng(seed), 96)
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -273,6 +273,10 @@ def test_bad_uploads_are_refused_and_the_service_goes_on(
     for data, content_type, status, code in cases:
         _error(_search(client, data, content_type), status, code)
         _assert_good_search(client, world)
+    # The type is checked before the query-embedding cache is: an upload it holds is refused
+    # under a wrong type all the same.
+    cached = world.photo("P00004", 1)  # just searched by _assert_good_search
+    _error(_search(client, cached, "text/plain"), 415, "unsupported_media_type")
 
 
 def test_every_use_of_the_model_runs_on_the_model_thread(
@@ -417,8 +421,15 @@ def _stream_upload(client: TestClient, chunks: int, chunk_bytes: int) -> tuple[i
 NEW_CATEGORY = 'jouets d\'été "spéciaux"\\'  # non-ASCII, quotes and a backslash
 
 
-def _add(client, data: bytes, headers: dict[str, str], price: str = "9.5"):
-    form = {"product_id": "NEW0001", "category": NEW_CATEGORY, "title": "a new toy", "price": price}
+def _add(
+    client, data: bytes, headers: dict[str, str], price: str = "9.5", product_id: str = "NEW0001"
+):
+    form = {
+        "product_id": product_id,
+        "category": NEW_CATEGORY,
+        "title": "a new toy",
+        "price": price,
+    }
     files = {"image": ("new.jpg", data, "image/jpeg")}
     return client.post("/v1/admin/products", files=files, data=form, headers=headers)
 
@@ -440,9 +451,11 @@ def test_admin_adds_and_removes_a_product(client: TestClient, world: World) -> N
     before = _ok(_search(client, photo, top_k=3))["results"]
     assert "NEW0001" not in {hit["product_id"] for hit in before}
 
+    assert _collection_facts(client) == (3 * PRODUCTS, False)
     added = _add(client, photo, ADMIN)
     assert added.status_code == 201, added.text
     assert added.json()["product_id"] == "NEW0001"
+    assert _collection_facts(client) == (3 * PRODUCTS + 1, True)
     results = _ok(_search(client, photo, top_k=3))["results"]
     assert results[0]["product_id"] == "NEW0001"
     assert results[0]["title"] == "a new toy" and results[0]["price"] == 9.5
@@ -458,10 +471,83 @@ def test_admin_adds_and_removes_a_product(client: TestClient, world: World) -> N
     assert removed == {"product_id": "NEW0001", "removed_images": 1}
     after = _ok(_search(client, photo, top_k=3))["results"]
     assert "NEW0001" not in {hit["product_id"] for hit in after}
+    assert _collection_facts(client) == (3 * PRODUCTS, False)  # its category went with it
     _error(client.get("/v1/products/NEW0001"), 404, "unknown_product")
     _error(client.delete("/v1/admin/products/NEW0001", headers=ADMIN), 404, "unknown_product")
     _error(_add(client, b"not an image at all", ADMIN), 400, "not_an_image")
     _error(_add(client, photo, ADMIN, price="inf"), 422, "invalid_request")
+
+
+def test_admin_updates_a_products_fields_on_all_its_photos(
+    client: TestClient, world: World
+) -> None:
+    product = "P00002"
+    url = f"/v1/admin/products/{product}"
+    was = _ok(client.get(f"/v1/products/{product}"))
+    _error(client.patch(url, json={"price": 1.5}), 401, "unauthorized")
+    _error(client.patch(url, json={}, headers=ADMIN), 422, "nothing_to_update")
+    _error(client.patch(url, json={"price": -1}, headers=ADMIN), 422, "invalid_request")
+    _error(client.patch("/v1/admin/products/NOPE", json={"price": 1}, headers=ADMIN), 404)
+    try:
+        change = {"price": 1.5, "category": NEW_CATEGORY}
+        done = _ok(client.patch(url, json=change, headers=ADMIN))
+        assert done == {"product_id": product, "updated_images": 3, **change}
+        now = _ok(client.get(f"/v1/products/{product}"))
+        assert (now["price"], now["category"], now["title"]) == (1.5, NEW_CATEGORY, was["title"])
+        assert _collection_facts(client) == (3 * PRODUCTS, True)
+        # Every photo moved: the category holds this product alone, at the new price only.
+        hits = _ok(_search(client, world.photo(product, 2), category=NEW_CATEGORY))["results"]
+        assert [hit["product_id"] for hit in hits] == [product]
+        assert not _ok(
+            _search(client, world.photo(product, 2), price_min=2, category=NEW_CATEGORY)
+        )["results"]
+    finally:
+        back = {"price": was["price"], "category": was["category"]}
+        _ok(client.patch(url, json=back, headers=ADMIN))
+    assert _collection_facts(client) == (3 * PRODUCTS, False)
+
+
+def test_a_photo_added_to_a_product_brings_its_fields_to_all_its_photos(
+    client: TestClient,
+) -> None:
+    """One product, one price: a new photo sent with a new price reprices the others."""
+    first, second = _new_product_photo(), _new_product_photo(seed=7)
+    assert _add(client, first, ADMIN, product_id="NEW0002").status_code == 201
+    try:
+        assert _add(client, second, ADMIN, price="3", product_id="NEW0002").status_code == 201
+        found = _ok(client.get("/v1/products/NEW0002"))
+        assert len(found["images"]) == 2 and found["price"] == 3.0
+        dear = _ok(_search(client, first, category=NEW_CATEGORY, price_min=9))["results"]
+        assert dear == []  # the first photo's 9.5 is gone
+    finally:
+        _ok(client.delete("/v1/admin/products/NEW0002", headers=ADMIN))
+
+
+def _collection_facts(client: TestClient) -> tuple[int, bool]:
+    """Rows in the served collection (the same in /readyz, /v1/info and /metrics) and whether
+    /v1/info offers the new product's category."""
+    info = _ok(client.get("/v1/info"))
+    text = client.get("/metrics").text
+    gauge = next(line for line in text.splitlines() if line.startswith("vitrine_collection_rows "))
+    assert info["rows"] == _ok(client.get("/readyz"))["rows"] == float(gauge.split()[1])
+    return info["rows"], NEW_CATEGORY in info["categories"]
+
+
+def test_a_product_id_with_a_slash_is_found_fetched_and_removed(client: TestClient) -> None:
+    """Shops' SKUs hold slashes; the id is one path segment once percent-encoded."""
+    photo = _new_product_photo()
+    assert _add(client, photo, ADMIN, product_id="SKU/12 a").status_code == 201
+    try:
+        found = _ok(client.get("/v1/products/SKU%2F12%20a"))
+        assert found["product_id"] == "SKU/12 a" and len(found["images"]) == 1
+        hits = _ok(client.get("/v1/search/product/SKU%2F12%20a?top_k=2"))["results"]
+        assert len(hits) == 2 and "SKU/12 a" not in {hit["product_id"] for hit in hits}
+        image = client.get(found["images"][0]["image_url"])
+        assert image.status_code == 200 and image.content == photo
+    finally:
+        removed = _ok(client.delete("/v1/admin/products/SKU%2F12%20a", headers=ADMIN))
+    assert removed == {"product_id": "SKU/12 a", "removed_images": 1}
+    _error(client.get("/v1/products/SKU%2F12%20a"), 404, "unknown_product")
 
 
 def test_a_product_whose_photos_crowd_the_first_page_still_leaves_top_k_products(
@@ -531,8 +617,17 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
         "/v1/admin/rollout",
     ):
         assert path in paths
-    answer = paths["/v1/search/image"]["post"]["responses"]["200"]["content"]["application/json"]
-    assert answer["schema"] == {"$ref": "#/components/schemas/SearchResponse"}
+    answers = paths["/v1/search/image"]["post"]["responses"]
+    assert answers["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SearchResponse"
+    }
+    # Errors are documented as they are sent: {"error": {"code", "message", ...}}.
+    for status in ("400", "413", "415", "422", "503"):
+        schema = answers[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (status, schema)
+    admin = paths["/v1/admin/products/{product_id}"]["delete"]["responses"]
+    assert {"401", "403", "404"} <= set(admin)
+    assert "HTTPValidationError" not in client.get("/openapi.json").text
 
     page = client.get("/")
     assert page.status_code == 200
@@ -642,6 +737,17 @@ def test_rollout_without_its_model_is_refused(
         store.point_alias(second["collection"])  # the broken build must not stay the target
         store.close()
     assert 'vitrine_rollouts_total{outcome="refused"}' in client.get("/metrics").text
+
+
+def test_vitrine_rollout_without_a_token_says_which_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from components.rollout import ServiceError, rollout_service
+
+    monkeypatch.setenv("VITRINE_ADMIN_TOKEN", " ")
+    for token in (None, ""):
+        with pytest.raises(ServiceError, match="no admin token: set VITRINE_ADMIN_TOKEN"):
+            rollout_service("http://127.0.0.1:9", token=token)  # nothing is sent
 
 
 @pytest.fixture
