@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index-type", help="auto, DISKANN, HNSW, IVF_FLAT, ... (default: auto)")
     index.add_argument("--verify-floor", type=float, help="lowest ANN recall@10 (default: 0.95)")
     index.add_argument("--keep", type=int, help="older collections kept for rollback (default: 2)")
+    index.add_argument(
+        "--max-unreadable",
+        type=float,
+        help="largest fraction of images that may fail to read; above it the build fails "
+        "before touching Milvus (default: 0.05)",
+    )
     index.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     index.add_argument(
         "--rollback", action="store_true", help="point the alias at the previous collection"
@@ -610,6 +616,7 @@ def index_config_from_args(args: argparse.Namespace):
         "index_type": args.index_type,
         "verify_floor": args.verify_floor,
         "keep_collections": args.keep,
+        "max_unreadable": args.max_unreadable,
         "device": args.device,
     }
     return IndexBuildConfig.from_dict(_section_with_overrides(args.params, "index", overrides))

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,15 @@ class IndexVerificationError(RuntimeError):
     """The new collection's ANN results disagree with exact search more than allowed."""
 
 
+class UnreadableCatalogueError(ValueError):
+    """Too many of the validated catalogue's images could not be read to index them."""
+
+
+# An unfinished collection on a server (no file lock tells whether its build still runs) is
+# taken for a killed build's leftover once its name is this old.
+ORPHAN_AFTER = timedelta(hours=12)
+
+
 @dataclass(frozen=True)
 class IndexBuildConfig:
     """Where and how to build (the ``index`` section of ``params.yaml``).
@@ -55,7 +64,11 @@ class IndexBuildConfig:
             or all images when there are fewer).
         verify_k: Depth compared between ANN and exact search.
         verify_floor: Lowest acceptable ANN recall@k against exact search.
-        keep_collections: Older collections kept for rollback, besides the served one.
+        keep_collections: Older collections kept for rollback, besides the served one (the
+            collection the alias pointed at before the build is always kept).
+        max_unreadable: Largest fraction of the catalogue's images that may fail to read at
+            indexing time (they passed validation, so they vanished or broke since); above
+            it the build fails before creating a collection.
         batch_size: Images per forward pass when embedding.
         insert_batch: Rows per insert call.
         canary_queries: Probe photos the service's recall canary searches with (one per
@@ -71,6 +84,7 @@ class IndexBuildConfig:
     verify_k: int = 10
     verify_floor: float = 0.95
     keep_collections: int = 2
+    max_unreadable: float = 0.05
     batch_size: int = 64
     insert_batch: int = 1000
     device: str = "auto"
@@ -148,6 +162,33 @@ def embed_catalogue(
     return found.vectors, [int(i) for i in found.kept]
 
 
+def check_readable(
+    rows: list[dict[str, Any]], kept: list[int], max_unreadable: float, manifest: str | Path
+) -> None:
+    """Refuse to index a catalogue whose images mostly vanished since validation.
+
+    Raises:
+        UnreadableCatalogueError: None could be read, or more than ``max_unreadable`` of them
+            could not; the message names the first ones.
+    """
+    if not rows:
+        raise UnreadableCatalogueError(f"{manifest} lists no image: nothing to index")
+    missing = len(rows) - len(kept)
+    if kept and missing <= max_unreadable * len(rows):
+        if missing:
+            log.warning("%d of %d images could not be read and are not indexed", missing, len(rows))
+        return
+    readable = set(kept)
+    first = [rows[i]["image_uri"] for i in range(len(rows)) if i not in readable][:3]
+    raise UnreadableCatalogueError(
+        f"{missing} of {len(rows)} images of {manifest} could not be read (more than "
+        f"max_unreadable {max_unreadable:.0%}), e.g. {', '.join(map(str, first))}: were the "
+        "images moved or deleted since validation? Fix their paths and re-run `vitrine "
+        "validate`, or raise max_unreadable (params.yaml index section); the served "
+        "collection was left as it was"
+    )
+
+
 def verify_collection(
     store: VectorStore,
     name: str,
@@ -216,6 +257,7 @@ def build_index(
     all_rows = catalogue_rows(validated_manifest)
     vectors, kept = embed_catalogue(all_rows, package_dir, config, progress)
     rows = [all_rows[i] for i in kept]
+    check_readable(all_rows, kept, config.max_unreadable, validated_manifest)
     seconds["embed"] = time.perf_counter() - started
 
     store = VectorStore(config.uri, alias=config.alias)
@@ -267,7 +309,7 @@ def build_index(
         store.close()
         raise
     previous = store.point_alias(name)
-    removed = cleanup_collections(store, config.keep_collections)
+    removed = cleanup_collections(store, config.keep_collections, previous)
     store.close()
     seconds["total"] = time.perf_counter() - started
     summary = {
@@ -316,23 +358,57 @@ def _finished(store: VectorStore, name: str) -> bool:
         return False
 
 
-def cleanup_collections(store: VectorStore, keep: int) -> list[str]:
-    """Drop collections older than the served one beyond the ``keep`` newest finished ones,
-    and half-built orphans: collections newer than the served one, and older ones that never
-    recorded their build metadata (a build that was killed before a later one succeeded)."""
+def _built_at(name: str) -> datetime | None:
+    """When the build that created ``name`` started (its name says), or None."""
+    stamp = name.removeprefix(COLLECTION_PREFIX).split("_", 1)[0]
+    try:
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _may_still_be_building(store: VectorStore, name: str) -> bool:
+    """Whether an unfinished collection could belong to a build that is still running: on a
+    server, one created less than :data:`ORPHAN_AFTER` ago (on Lite a running build holds
+    the file lock, which :func:`cleanup_collections` checks first)."""
+    if store.embedded:
+        return False
+    built = _built_at(name)
+    return built is None or datetime.now(UTC) - built < ORPHAN_AFTER
+
+
+def cleanup_collections(store: VectorStore, keep: int, previous: str | None = None) -> list[str]:
+    """Drop the collections a rollback will not need, and the leftovers of killed builds.
+
+    Kept: the served collection; ``previous`` (what the alias pointed at before, which
+    running services still answer from until they roll out); the ``keep`` newest finished
+    collections older than the served one; finished collections newer than it (a build that
+    ran beside this one); any collection another process has open (a Milvus Lite file lock:
+    a service or a build); and, on a server, unfinished collections younger than
+    :data:`ORPHAN_AFTER`. Dropped: older finished collections beyond those, and unfinished
+    ones (killed builds). Returns the dropped names, oldest first.
+    """
     served = store.alias_target()
     names = store.collections()
     if served not in names:
         return []
-    position = names.index(served)
-    older, newer = names[:position], names[position + 1 :]
-    doomed = list(newer)
+    doomed = []
     kept = 0
-    for name in reversed(older):  # newest first
-        if kept < keep and _finished(store, name):
-            kept += 1
-        else:
-            doomed.append(name)
+    for name in reversed(names):  # newest first
+        if name in (served, previous):
+            kept += name == previous
+            continue
+        if store.held_elsewhere(name):
+            log.info("collection %s is open in another process: kept", name)
+            continue
+        if not _finished(store, name):
+            if not _may_still_be_building(store, name):
+                doomed.append(name)
+        elif name < served:
+            if kept < keep:
+                kept += 1
+            else:
+                doomed.append(name)
     doomed.sort()  # oldest first
     for name in doomed:
         store.drop(name)

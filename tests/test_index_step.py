@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from components.catalog.demo import CATEGORIES, generate_demo_catalog
 from components.index import (
     IndexBuildConfig,
     IndexVerificationError,
+    UnreadableCatalogueError,
     build_index,
     collection_name,
     rollback_index,
@@ -21,7 +23,14 @@ from components.index import (
 from components.validate import validate_catalog
 from model.config import load_params
 from model.package import ModelConfig, build_model, package_version, save_package
-from serving.store import COLLECTION_PREFIX, DEFAULT_ALIAS, IndexConfig, VectorStore
+from serving.lite_process import LiteProcess
+from serving.store import (
+    COLLECTION_PREFIX,
+    DEFAULT_ALIAS,
+    IndexConfig,
+    StoreUnavailable,
+    VectorStore,
+)
 from tests.conftest import TINY_BACKBONE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,3 +209,68 @@ def test_collection_names_sort_by_build_time() -> None:
     late = collection_name("tiny v1/2", datetime(2024, 6, 1, 2, 3, 4, 6, tzinfo=UTC))
     assert early == f"{COLLECTION_PREFIX}20240601T020304000005_tiny_v1_2"
     assert early < late
+
+
+def _hold(config: IndexBuildConfig, name: str) -> LiteProcess:
+    """Open ``name`` in another process, as a running service or build holds its file."""
+    return LiteProcess(Path(config.uri) / f"{name}.db")
+
+
+def test_cleanup_spares_what_another_process_has_open_and_what_the_alias_left(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    """A service answers from the previous collection until it rolls out, and may serve any
+    collection it was rolled out to; a build may be writing one beside this one. None of
+    them may lose its files under a clean-up (keep_collections 0 keeps no other)."""
+    config = _config(tmp_path, keep_collections=3)
+    a, b, c = (_build(validated, package, config)["collection"] for _ in range(3))
+    rollback_index(config)
+    assert rollback_index(config)["collection"] == a  # served; b and c are newer
+    running = _orphan(config, collection_name("running"))  # a build still inserting
+    holders = [_hold(config, b), _hold(config, running)]
+    try:
+        with pytest.raises(StoreUnavailable, match="open in another process"):
+            VectorStore(config.uri).load(b)
+        d = _build(validated, package, dataclasses.replace(config, keep_collections=0))
+    finally:
+        for holder in holders:
+            holder.stop()
+    assert d["previous"] == a
+    assert d["removed"] == [c]  # finished, older than d, not open anywhere
+    assert _collections(config) == [a, b, running, d["collection"]]
+    assert _served(config) == d["collection"]
+
+
+def test_a_catalogue_whose_images_vanished_is_refused_before_milvus(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    config = _config(tmp_path)
+    served = _build(validated, package, config)["collection"]
+    with validated.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    moved = tmp_path / "moved.csv"
+
+    def write(broken: int) -> None:
+        gone = [{**row, "image_uri": str(tmp_path / "gone" / f"{n}.jpg")} for n, row in
+                enumerate(rows[:broken])]  # fmt: skip
+        with moved.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fields)
+            writer.writeheader()
+            writer.writerows(gone + rows[broken:])
+
+    write(broken=PRODUCTS * PHOTOS)  # every image gone
+    with pytest.raises(UnreadableCatalogueError, match=r"30 of 30 images .* could not be read"):
+        _build(moved, package, config)
+    write(broken=2)  # 2 of 30: over the default 5%
+    with pytest.raises(UnreadableCatalogueError, match=r"2 of 30 .*gone/.*max_unreadable"):
+        _build(moved, package, config)
+    assert _collections(config) == [served] and _served(config) == served
+    lenient = _build(moved, package, dataclasses.replace(config, max_unreadable=0.1))
+    assert (lenient["rows"], lenient["skipped_images"]) == (28, 2)
+
+
+def test_lite_folder_drops_only_a_db_suffix(tmp_path: Path) -> None:
+    assert VectorStore(str(tmp_path / "milvus.db")).folder == tmp_path / "milvus"
+    assert VectorStore(str(tmp_path / "milvus.a")).folder == tmp_path / "milvus.a"
+    assert VectorStore(str(tmp_path / "milvus")).folder == tmp_path / "milvus"
