@@ -15,6 +15,7 @@ which model must serve it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 COLLECTION_PREFIX = "vitrine_"
 DEFAULT_ALIAS = "vitrine_products"
 META_VALUE_CHARS = 65535  # one metadata document (VARCHAR's limit)
-# Milvus Lite 3.x builds these; DISKANN is accepted by create_index but breaks loading.
-LITE_INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "FLAT", "AUTOINDEX")
+# Dense-vector index types Milvus Lite may build, best first for catalogue-sized collections
+# (graph, then quantised graph, then inverted lists, then exact). No DiskANN: Lite 3.2.2 takes
+# the request, then fails to index segments and to load after a restart.
+LITE_INDEX_PREFERENCE = ("HNSW", "HNSW_SQ", "IVF_SQ8", "IVF_FLAT", "AUTOINDEX", "FLAT")
+_NEEDS_FAISS = frozenset({"HNSW", "HNSW_SQ", "IVF_SQ8", "IVF_FLAT"})
 SCHEMA_FIELDS = ("image_id", "product_id", "category", "title", "price", "image_uri")
 OUTPUT_FIELDS = ["product_id", "category", "title", "price", "image_uri", "$meta"]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
@@ -167,20 +171,55 @@ def index_spec(index_type: str, config: IndexConfig, reason: str) -> IndexSpec:
     return IndexSpec(kind, config.metric_type, build, search, reason)
 
 
+@functools.cache
+def lite_index_types() -> tuple[str, ...]:
+    """What the installed Milvus Lite builds, of :data:`LITE_INDEX_PREFERENCE`, best first.
+
+    Asked of Lite's own index factory (its capability discovery: HNSW and IVF need faiss-cpu
+    there, and without it ``AUTOINDEX`` is exact search). A Lite whose factory cannot be
+    asked gets the list verified with Milvus Lite 3.2.2.
+    """
+    try:
+        from milvus_lite.index import factory
+
+        known = factory.KNOWN_VECTOR_INDEX_TYPES
+        faiss = factory.is_faiss_available()
+    except (ImportError, AttributeError) as err:
+        log.debug("cannot ask Milvus Lite which indexes it builds (%s): assuming 3.2.2's", err)
+        return LITE_INDEX_PREFERENCE
+    return tuple(
+        kind
+        for kind in LITE_INDEX_PREFERENCE
+        if kind in known and (faiss or kind not in _NEEDS_FAISS)
+    )
+
+
+def _lite_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"Milvus Lite {version('milvus-lite')}"
+    except Exception:  # metadata missing (a source checkout): the name alone
+        return "Milvus Lite"
+
+
 def choose_index(embedded: bool, config: IndexConfig) -> IndexSpec:
     """The best index the backend accepts for ``config.index_type``, and the reason."""
     wanted = config.index_type.upper()
+    if not embedded:
+        if wanted == "AUTO":
+            return index_spec("DISKANN", config, "DiskANN on a Milvus server (auto)")
+        return index_spec(wanted, config, f"{wanted} as configured")
+    builds = lite_index_types()
+    if wanted in builds:
+        return index_spec(wanted, config, f"{wanted} as configured")
+    best = builds[0] if builds else "FLAT"
+    lite = _lite_version()
     if wanted == "AUTO":
-        if embedded:
-            return index_spec(
-                "HNSW", config, "Milvus Lite has no DiskANN; HNSW is the best index it builds"
-            )
-        return index_spec("DISKANN", config, "DiskANN on a Milvus server (auto)")
-    if embedded and wanted not in LITE_INDEX_TYPES:
-        return index_spec(
-            "HNSW", config, f"Milvus Lite cannot build {wanted}; HNSW is the best it builds"
-        )
-    return index_spec(wanted, config, f"{wanted} as configured")
+        why = f"{lite} has no DiskANN; {best} is the best index it builds ({', '.join(builds)})"
+    else:
+        why = f"{lite} cannot build {wanted}; {best} is the best it builds ({', '.join(builds)})"
+    return index_spec(best, config, why)
 
 
 def _unavailable(err: Exception) -> bool:

@@ -18,6 +18,7 @@ from serving.store import (
     VectorStore,
     choose_index,
     is_embedded,
+    lite_index_types,
     rows_in_batches,
     spec_from_dict,
 )
@@ -110,6 +111,27 @@ def test_diskann_is_never_asked_of_lite() -> None:
     assert on_lite.index_type == "HNSW"
     assert "DISKANN" in on_lite.reason and "Lite" in on_lite.reason
     assert choose_index(False, IndexConfig(index_type="DISKANN")).index_type == "DISKANN"
+
+
+def test_what_lite_builds_is_asked_of_lite_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from milvus_lite.index import factory
+
+    import serving.store
+
+    assert lite_index_types()[0] == "HNSW"  # milvus-lite installs faiss-cpu
+    # A Lite without faiss-cpu builds no graph and no IVF: exact search is what it has left,
+    # and the spec says so rather than asking for an HNSW that would fail.
+    monkeypatch.setattr(factory, "is_faiss_available", lambda: False)
+    serving.store.lite_index_types.cache_clear()
+    try:
+        assert lite_index_types() == ("AUTOINDEX", "FLAT")
+        spec = choose_index(True, IndexConfig())
+        assert spec.index_type == "AUTOINDEX"
+        assert "Milvus Lite" in spec.reason and "(AUTOINDEX, FLAT)" in spec.reason
+        assert choose_index(True, IndexConfig(index_type="HNSW")).index_type == "AUTOINDEX"
+        assert choose_index(False, IndexConfig(index_type="HNSW")).index_type == "HNSW"
+    finally:
+        serving.store.lite_index_types.cache_clear()
 
 
 @pytest.mark.parametrize("embedded", [True, False])
