@@ -393,13 +393,15 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
     if served not in names:
         return []
     doomed = []
-    kept = 0
+    # ``previous`` fills one of the ``keep`` places whatever its age (after a rollback it is
+    # the oldest); the others go to the newest.
+    kept = int(previous is not None and previous != served and previous in names)
     for name in reversed(names):  # newest first
         if name in (served, previous):
-            kept += name == previous
             continue
-        if store.held_elsewhere(name):
-            log.info("collection %s is open in another process: kept", name)
+        held = store.held_elsewhere(name)
+        if held is not False:
+            log.info("collection %s is open in another process (or unreadable): kept", name)
             continue
         if not _finished(store, name):
             if not _may_still_be_building(store, name):

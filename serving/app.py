@@ -104,8 +104,9 @@ class Measure:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            # The router records the matched route in the scope it was given.
-            path = getattr(scope.get("route"), "path", "unmatched")
+            # The router records the matched route in the scope it was given; its template
+            # without converters (``{product_id}``, not ``{product_id:path}``).
+            path = getattr(scope.get("route"), "path_format", "unmatched")
             metrics = self.metrics()
             labels = (path, scope["method"], str(status))
             metrics.requests.labels(*labels).inc()

@@ -24,6 +24,8 @@ from serving.settings import embed_workers, torch_threads
 from serving.store import IndexSpec, VectorStore, spec_from_dict
 
 log = logging.getLogger(__name__)
+# The metadata key of what admin changes made of a collection since its build (its categories).
+LIVE_METADATA = "live"
 
 
 @dataclass
@@ -68,6 +70,10 @@ class PairHolder:
         self.current: ServingPair | None = None
         self.last_error: str = ""
         self._rollout_lock = asyncio.Lock()
+        # Admin adds, updates and removes read rows and write them back: one at a time, or a
+        # delete landing between an update's read and write would be undone (in this replica;
+        # replicas behind a load balancer do not share it).
+        self.admin_lock = asyncio.Lock()
         # Replaced pairs still draining, and the tasks retiring them (held so that they are
         # not garbage-collected mid-way).
         self._draining: list[ServingPair] = []
@@ -114,6 +120,9 @@ class PairHolder:
         metadata = await asyncio.to_thread(self.store.metadata, target)
         for key in ("canary", "drift"):  # absent in collections built before they existed
             metadata[key] = await asyncio.to_thread(self.store.recorded, target, key)
+        live = await asyncio.to_thread(self.store.recorded, target, LIVE_METADATA)
+        if "categories" in live:  # admin changes since the build
+            metadata["categories"] = live["categories"]
         package = metadata.get("model_package")
         if not package:
             raise LookupError(f"collection {target} does not record the model that built it")

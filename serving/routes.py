@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, Field
 from serving.batching import digest
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
-from serving.pair import ServingPair
+from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_vector
 from serving.uploads import UploadLimits, check_content_type, decode_upload
 
@@ -302,12 +303,15 @@ async def add_product(
             "image_uri": str(path),
             "embedding": vector,
         }
-        await asyncio.to_thread(store.upsert, pair.collection, [row])
-        # The product's other photos take the fields just sent: one product, one price.
-        fields = {"category": category, "title": title, "price": price}
-        before = await asyncio.to_thread(store.update_product, pair.collection, product_id, fields)
-        lost = {str(r.get("category", "")) for r in before} - {category, ""}
-        await _catalogue_changed(holder, pair, store, metrics, gained=category, lost=lost)
+        async with holder.admin_lock:  # see PairHolder.admin_lock
+            await asyncio.to_thread(store.upsert, pair.collection, [row])
+            # The product's other photos take the fields just sent: one product, one price.
+            fields = {"category": category, "title": title, "price": price}
+            before, _changed = await asyncio.to_thread(
+                store.update_product, pair.collection, product_id, fields
+            )
+            lost = {str(r.get("category", "")) for r in before} - {category, ""}
+            await _catalogue_changed(holder, pair, store, metrics, gained=category, lost=lost)
         return {"product_id": product_id, "image_id": key, "collection": pair.collection}
 
 
@@ -329,14 +333,16 @@ async def update_product(
     fields = update.model_dump(exclude_none=True)
     if not fields:
         raise ApiError(422, "nothing_to_update", "send at least one of category, title, price")
-    async with holder.use() as pair:
-        before = await asyncio.to_thread(store.update_product, pair.collection, product_id, fields)
+    async with holder.use() as pair, holder.admin_lock:
+        before, changed = await asyncio.to_thread(
+            store.update_product, pair.collection, product_id, fields
+        )
         if not before:
             raise ApiError(404, "unknown_product", f"no product {product_id!r}")
         gained = fields.get("category", "")
         lost = {str(r.get("category", "")) for r in before} - {gained, ""} if gained else set()
         await _catalogue_changed(holder, pair, store, metrics, gained=gained, lost=lost)
-    return {"product_id": product_id, "updated_images": len(before), **fields}
+    return {"product_id": product_id, "updated_images": changed, **fields}
 
 
 @router.delete(
@@ -348,7 +354,7 @@ async def remove_product(
     product_id: str, _: AdminDep, holder: HolderDep, store: StoreDep, metrics: MetricsDep
 ) -> dict:
     """Remove every photo of a product from the live collection."""
-    async with holder.use() as pair:
+    async with holder.use() as pair, holder.admin_lock:
         rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
         if not rows:
             raise ApiError(404, "unknown_product", f"no product {product_id!r}")
@@ -366,9 +372,11 @@ async def _catalogue_changed(
     gained: str = "",
     lost: set[str] | None = None,
 ) -> None:
-    """Keep what the service reports of its collection true after an admin add or remove:
-    the row count (``/readyz``, ``/v1/info``, ``vitrine_collection_rows``) and the categories
-    the page offers as a filter (a category goes once no row has it)."""
+    """Keep what the service reports of its collection true after an admin change (call under
+    ``holder.admin_lock``): the row count (``/readyz``, ``/v1/info``,
+    ``vitrine_collection_rows``) and the categories the page offers as a filter (a category
+    goes once no row has it). The categories are also recorded with the collection
+    (``live``), so a restart, a rollout or another replica loading it sees them."""
     rows = await asyncio.to_thread(store.count, pair.collection)
     categories = set(pair.metadata.get("categories", []))
     if gained:
@@ -377,7 +385,9 @@ async def _catalogue_changed(
         expr = milvus_filter(category)
         if not await asyncio.to_thread(store.has_rows, pair.collection, expr):
             categories.discard(category)
-    pair.metadata = {**pair.metadata, "rows": rows, "categories": sorted(categories)}
+    live = {"categories": sorted(categories), "changed_at": datetime.now(UTC).isoformat()}
+    await asyncio.to_thread(store.set_metadata, pair.collection, live, LIVE_METADATA)
+    pair.metadata = {**pair.metadata, "rows": rows, "categories": live["categories"]}
     if holder.current is pair:
         metrics.collection_rows.set(rows)
 

@@ -129,16 +129,20 @@ def _lite_folder(uri: str) -> Path:
     return path.with_suffix("") if path.suffix == ".db" else path
 
 
-def _locked_by_another_process(lock_file: Path) -> bool:
+def _locked_by_another_process(lock_file: Path) -> bool | None:
     """Whether a process holds ``flock`` on Milvus Lite's ``LOCK`` file (taken and given
-    back at once when free). Call only for a file this process has not opened: a second
-    open of the same file in one process conflicts with the first too."""
+    back at once when free); None when that cannot be told (a file this user may not open,
+    an older single-file database). Call only for a file this process has not opened: a
+    second open of the same file in one process conflicts with the first too."""
     import fcntl
 
     try:
-        fd = os.open(lock_file, os.O_RDWR)
+        fd = os.open(lock_file, os.O_RDONLY)  # flock needs no write access
     except FileNotFoundError:
         return False
+    except OSError as err:
+        log.debug("cannot check the lock of %s: %s", lock_file, err)
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -308,9 +312,10 @@ class VectorStore:
                     raise StoreUnavailable(f"cannot reach Milvus at {self.uri}: {err}") from err
             return self._clients[key]
 
-    def held_elsewhere(self, name: str) -> bool:
-        """Milvus Lite: whether another process has collection ``name`` open (its file lock).
-        Always False on a server, where any number of clients share a collection."""
+    def held_elsewhere(self, name: str) -> bool | None:
+        """Milvus Lite: whether another process has collection ``name`` open (its file lock;
+        None: it cannot be told). Always False on a server, where any number of clients
+        share a collection."""
         if not self.embedded:
             return False
         path = os.path.abspath(self.folder / f"{name}.db")
@@ -748,17 +753,18 @@ class VectorStore:
 
     def update_product(
         self, name: str, product_id: str, fields: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], int]:
         """Set catalogue ``fields`` (category, title, price...) on every image row of a
         product, embeddings untouched. Returns the product's rows as they were (empty: no
-        such product); only rows that change are written."""
+        such product) and how many changed; only those are written. Not atomic: callers
+        that may race with a delete of the product serialise (the service's admin lock)."""
         rows = self.rows_of_product(name, product_id, with_embedding=True)
         rows = [{**{k: v for k, v in row.items() if k != "$meta"}, **(row.get("$meta") or {})}
                 for row in rows]  # fmt: skip
         changed = [{**row, **fields} for row in rows if any(row.get(k) != v for k, v in
                    fields.items())]  # fmt: skip
         self.upsert(name, changed)
-        return rows
+        return rows, len(changed)
 
     def delete_product(self, name: str, product_id: str) -> int:
         """Remove every image of a product; return how many rows were removed."""

@@ -13,9 +13,11 @@ import torch
 from components.catalog.config import ImageLimits, ValidationConfig
 from components.catalog.demo import CATEGORIES, generate_demo_catalog
 from components.index import (
+    ORPHAN_AFTER,
     IndexBuildConfig,
     IndexVerificationError,
     UnreadableCatalogueError,
+    _may_still_be_building,
     build_index,
     collection_name,
     rollback_index,
@@ -274,3 +276,31 @@ def test_lite_folder_drops_only_a_db_suffix(tmp_path: Path) -> None:
     assert VectorStore(str(tmp_path / "milvus.db")).folder == tmp_path / "milvus"
     assert VectorStore(str(tmp_path / "milvus.a")).folder == tmp_path / "milvus.a"
     assert VectorStore(str(tmp_path / "milvus")).folder == tmp_path / "milvus"
+
+
+def test_an_unfinished_collection_on_a_server_is_kept_while_its_build_may_run() -> None:
+    server = VectorStore("http://127.0.0.1:1")  # never reached: only its kind matters
+    young = collection_name("m", datetime.now(UTC) - timedelta(hours=1))
+    old = collection_name("m", datetime.now(UTC) - ORPHAN_AFTER - timedelta(minutes=1))
+    assert _may_still_be_building(server, young)
+    assert not _may_still_be_building(server, old)
+    assert _may_still_be_building(server, "vitrine_not_a_build")  # unknown age: keep
+    assert not _may_still_be_building(VectorStore("/tmp/lite"), young)  # Lite: its lock says
+
+
+def test_a_collection_open_in_this_process_is_not_held_elsewhere(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    config = _config(tmp_path)
+    name = _build(validated, package, config)["collection"]
+    reader = VectorStore(config.uri)
+    reader.load(name)  # this process holds the file lock now
+    try:
+        assert VectorStore(config.uri).held_elsewhere(name) is False
+    finally:
+        reader.close()
+    holder = _hold(config, name)
+    try:
+        assert VectorStore(config.uri).held_elsewhere(name) is True
+    finally:
+        holder.stop()

@@ -495,6 +495,13 @@ def test_admin_updates_a_products_fields_on_all_its_photos(
         now = _ok(client.get(f"/v1/products/{product}"))
         assert (now["price"], now["category"], now["title"]) == (1.5, NEW_CATEGORY, was["title"])
         assert _collection_facts(client) == (3 * PRODUCTS, True)
+        again = _ok(client.patch(url, json={"category": NEW_CATEGORY}, headers=ADMIN))
+        assert again["updated_images"] == 0  # nothing differed: nothing written
+        # The category is recorded with the collection: a service loading it (a restart, a
+        # rollout, another replica) offers it too.
+        with TestClient(create_app(world.settings())) as fresh:
+            _wait_ready(fresh)
+            assert NEW_CATEGORY in _ok(fresh.get("/v1/info"))["categories"]
         # Every photo moved: the category holds this product alone, at the new price only.
         hits = _ok(_search(client, world.photo(product, 2), category=NEW_CATEGORY))["results"]
         assert [hit["product_id"] for hit in hits] == [product]
@@ -521,6 +528,35 @@ def test_a_photo_added_to_a_product_brings_its_fields_to_all_its_photos(
         assert dear == []  # the first photo's 9.5 is gone
     finally:
         _ok(client.delete("/v1/admin/products/NEW0002", headers=ADMIN))
+
+
+def test_a_delete_during_an_update_is_not_undone(world: World) -> None:
+    """An update reads a product's rows and writes them back: a delete landing in between
+    would be undone by the write, so admin changes go one at a time."""
+    app: FastAPI = create_app(world.settings())
+    with serve_in_thread(app, log_level="warning") as url, httpx.Client(base_url=url) as http:
+        _wait_ready(http)
+        assert _add(http, _new_product_photo(seed=11), ADMIN, product_id="RACE01").is_success
+        store = app.state.store
+        upsert = store.upsert
+
+        def slow_upsert(*args, **kwargs):  # widens the window between the read and the write
+            time.sleep(0.5)
+            return upsert(*args, **kwargs)
+
+        store.upsert = slow_upsert
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                patch = pool.submit(
+                    http.patch, "/v1/admin/products/RACE01", json={"price": 2.0}, headers=ADMIN
+                )
+                time.sleep(0.2)  # the update has read the rows and is writing them
+                removed = http.delete("/v1/admin/products/RACE01", headers=ADMIN)
+                assert patch.result().status_code == 200
+        finally:
+            store.upsert = upsert
+        assert _ok(removed)["removed_images"] == 1
+        _error(http.get("/v1/products/RACE01"), 404, "unknown_product")
 
 
 def _collection_facts(client: TestClient) -> tuple[int, bool]:
@@ -588,6 +624,9 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
     assert (
         'vitrine_http_requests_total{method="POST",route="/v1/search/image",status="200"}' in text
     )
+    # Route templates as written in the API, without Starlette's converters (":path").
+    product_route = 'route="/v1/search/product/{product_id}",status="200"'
+    assert f'vitrine_http_requests_total{{method="GET",{product_route}}}' in text
     assert 'vitrine_http_requests_total{method="POST",route="/v1/search/image",status="400"}' in (
         text
     )
