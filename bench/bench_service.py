@@ -182,7 +182,9 @@ class BarePath:
         self.top_k = top_k
         # Decoded exactly as the service decodes uploads, before any timing.
         self.images = [
-            decode_upload(Path(path).read_bytes(), "image/jpeg", UploadLimits())
+            decode_upload(
+                Path(path).read_bytes(), "image/jpeg", UploadLimits(), self.embedder.decode_side
+            )
             for path in setup["queries"]
         ]
         self._next = itertools.count()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from model.datasets.images import ImageFileDataset, collate_skipping_unreadable, report_skipped
 from model.datasets.records import ImageRecord
 from model.head import EmbeddingModel
-from model.transforms import eval_transform
+from model.transforms import eval_transform, resize_short_side
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,10 @@ def embed_records(
 ) -> Embeddings:
     """Embed ``records`` with ``model`` using the model's own eval preprocessing."""
     model.eval().to(device).to(memory_format=torch.channels_last)
-    dataset = ImageFileDataset(list(records), eval_transform(data_config))
+    # Decoded as the service decodes uploads: large JPEGs scaled down to the resize side.
+    dataset = ImageFileDataset(
+        list(records), eval_transform(data_config), decode_side=resize_short_side(data_config)
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

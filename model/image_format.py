@@ -55,6 +55,20 @@ def rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_scaled(image: Image.Image, short_side: int | None) -> None:
+    """Let a JPEG that has not been decoded yet decode at 1/2, 1/4 or 1/8 of its size
+    (libjpeg's DCT scaling) while both sides stay at least ``short_side``, the side the
+    model's preprocessing resizes to; other formats and small images decode as they are.
+
+    A 12 MP phone photo decodes and is prepared for Lite0 in about a tenth of the time, and
+    its embedding stays within cosine 0.998 of the full decode's (``bench/bench_decode.py``).
+    Catalogue photos (index, evaluation, canary) and query uploads go through it alike, so
+    both sides see the same pixels; training crops keep full size.
+    """
+    if short_side:
+        image.draft(image.mode, (short_side, short_side))
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """A decoded image turned by its EXIF orientation (unreadable EXIF is ignored) and in RGB.
 

@@ -25,20 +25,22 @@ log = logging.getLogger(__name__)
 MIN_DRIFT_QUERIES = 32
 
 
-def _open_image(uri: str):
+def _open_image(uri: str, decode_side: int | None):
     """A catalogue photo, decoded upright and in RGB as the indexer decoded it."""
     from PIL import Image
 
-    from model.image_format import upright_rgb
+    from model.image_format import decode_scaled, upright_rgb
 
     if "://" in uri and not uri.startswith("file://"):
         import fsspec
 
         with fsspec.open(uri, "rb") as handle:
             image = Image.open(handle)
+            decode_scaled(image, decode_side)
             image.load()
             return upright_rgb(image)
     image = Image.open(uri.removeprefix("file://"))
+    decode_scaled(image, decode_side)
     image.load()
     return upright_rgb(image)
 
@@ -55,7 +57,7 @@ def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:
         batch, images = [], []
         for probe in probes[offset : offset + batch_size]:
             try:
-                images.append(_open_image(probe["image_uri"]))
+                images.append(_open_image(probe["image_uri"], pair.embedder.decode_side))
                 batch.append(probe)
             except (OSError, ValueError) as err:
                 unreadable += 1

@@ -28,7 +28,7 @@ from torchvision.transforms import Normalize, PILToTensor, ToTensor
 
 from model.image_format import rgb
 from model.package import load_package, package_version
-from model.transforms import eval_transform
+from model.transforms import eval_transform, resize_short_side
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Embedder:
         dim: Length of each embedding.
         device: The torch device the model runs on.
         data_config: The package's preprocessing config (input size, crop, normalisation).
+        decode_side: The short side images are resized to: what a JPEG needs decoded (see
+            :func:`model.image_format.decode_scaled`).
         runtime: ``"torchscript"`` or ``"eager"``: how forwards run.
     """
 
@@ -71,6 +73,7 @@ class Embedder:
         self._model = model.to(memory_format=torch.channels_last)
         self.data_config = dict(config.data)
         self._transform = eval_transform(self.data_config)
+        self.decode_side = resize_short_side(self.data_config)
         self._image_steps, self._tensor_steps = split_transform(self._transform)
         if self._tensor_steps is not None and not self._split_matches_transform():
             log.warning("preparing images with the whole transform: its split differs")

@@ -118,7 +118,7 @@ def _decode_and_prepare(
 ) -> tuple[Any, float, float]:
     """The upload decoded (with limits) into the model's input; seconds decoding, preparing."""
     started = time.perf_counter()
-    image = decode_upload(data, content_type, limits)
+    image = decode_upload(data, content_type, limits, pair.embedder.decode_side)
     decoded = time.perf_counter()
     model_input = pair.embedder.prepare(image)
     return model_input, decoded - started, time.perf_counter() - decoded

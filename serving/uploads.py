@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from model.image_format import canonical_format, signature, upright_rgb
+from model.image_format import canonical_format, decode_scaled, signature, upright_rgb
 
 # HTTP status answered for each refusal code.
 STATUS_BY_CODE: dict[str, int] = {
@@ -76,7 +76,9 @@ class UploadError(ValueError):
         self.message = message
 
 
-def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -> Image.Image:
+def decode_upload(
+    data: bytes, content_type: str | None, limits: UploadLimits, decode_side: int | None = None
+) -> Image.Image:
     """Decode an uploaded image into an upright RGB image, or refuse it.
 
     CPU-bound (Pillow releases the GIL while decoding): call it in a worker thread from async
@@ -87,6 +89,9 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
         content_type: The declared MIME type (parameters such as ``; charset=`` are ignored).
             None, empty or ``application/octet-stream`` let the bytes decide.
         limits: What an upload may be.
+        decode_side: The short side the model resizes to: a much larger JPEG decodes scaled
+            down to no less (:func:`~model.image_format.decode_scaled`), as catalogue photos
+            are indexed. The limits apply to the stored size all the same.
 
     Returns:
         The decoded image in mode ``RGB``, rotated by its EXIF orientation.
@@ -123,6 +128,7 @@ def decode_upload(data: bytes, content_type: str | None, limits: UploadLimits) -
                 f"the image is {width}x{height}; each side must be at least {limits.min_side} px",
             )
         try:
+            decode_scaled(image, decode_side)
             image.load()
         except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError...
             raise UploadError("corrupt_image", f"the {fmt} image does not decode: {err}") from err

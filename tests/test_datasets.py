@@ -429,14 +429,21 @@ def test_image_dataset_decodes_as_query_uploads_are_decoded(tmp_path: Path) -> N
     sideways.save(tmp_path / "phone.jpg", quality=95, exif=exif)
     ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (20, 1))
     Image.fromarray(ramp).save(tmp_path / "wide.png")
-    (tmp_path / "Ebay_train.txt").write_text(SOP_HEADER + "1 1 1 phone.jpg\n2 1 1 wide.png\n")
+    sideways.resize((1600, 800)).save(tmp_path / "big.jpg", quality=90, exif=exif)
+    (tmp_path / "Ebay_train.txt").write_text(
+        SOP_HEADER + "1 1 1 phone.jpg\n2 1 1 wide.png\n3 1 1 big.jpg\n"
+    )
     (tmp_path / "Ebay_test.txt").write_text(SOP_HEADER + "1 2 1 phone.jpg\n")
-    ds = ImageFileDataset(load_sop(tmp_path).train, np.asarray)
-    for name, (pixels, _, _) in zip(("phone.jpg", "wide.png"), (ds[0], ds[1]), strict=True):
-        query = decode_upload((tmp_path / name).read_bytes(), None, UploadLimits())
-        np.testing.assert_array_equal(pixels, np.asarray(query))
-    assert ds[0][0].shape == (40, 20, 3)  # upright: 20 wide, 40 high
-    assert ds[1][0].max() == 255 and abs(ds[1][0].mean() - 127.5) < 2
+    names = ("phone.jpg", "wide.png", "big.jpg")
+    for side in (None, 200):  # full size (training), and scaled to a model's resize side
+        ds = ImageFileDataset(load_sop(tmp_path).train, np.asarray, decode_side=side)
+        for name, (pixels, _, _) in zip(names, (ds[0], ds[1], ds[2]), strict=True):
+            data = (tmp_path / name).read_bytes()
+            query = decode_upload(data, None, UploadLimits(), decode_side=side)
+            np.testing.assert_array_equal(pixels, np.asarray(query))
+        assert ds[0][0].shape == (40, 20, 3)  # upright: 20 wide, 40 high
+        assert ds[1][0].max() == 255 and abs(ds[1][0].mean() - 127.5) < 2
+        assert ds[2][0].shape == ((1600, 800, 3) if side is None else (400, 200, 3))
 
 
 def test_collate_drops_unreadable(image_records: list) -> None:

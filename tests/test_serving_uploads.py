@@ -177,6 +177,26 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped() -> None:
     assert abs(pixels.mean() - 127.5) < 2
 
 
+def test_a_large_jpeg_decodes_scaled_down_to_the_side_the_model_needs() -> None:
+    # 1600x1200 with a 256 px side to keep: libjpeg decodes at 1/4 (400x300), not at 1/8
+    # (200x150, under 256); the EXIF orientation still applies, the limits to the stored size.
+    stored = Image.new("RGB", (1600, 1200), "blue")
+    stored.paste((255, 0, 0), (0, 0, 800, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(stored, "JPEG", quality=90, exif=exif)
+    image = decode_upload(data, "image/jpeg", LIMITS, decode_side=256)
+    assert image.size == (300, 400) and image.mode == "RGB"
+    assert image.getpixel((150, 50))[0] > 200  # red on top once upright
+    assert decode_upload(data, "image/jpeg", LIMITS).size == (1200, 1600)  # full size
+    with pytest.raises(UploadError, match="1600x1200, over 1000000 pixels"):
+        decode_upload(data, "image/jpeg", UploadLimits(max_pixels=1_000_000), decode_side=256)
+    png = _encode(stored, "PNG")  # only JPEG decodes scaled
+    assert decode_upload(png, "image/png", LIMITS, decode_side=256).size == (1600, 1200)
+    small = _encode(_photo(400, 300), "JPEG")  # 1/2 would go under 256
+    assert decode_upload(small, "image/jpeg", LIMITS, decode_side=256).size == (400, 300)
+
+
 def test_limits_apply_exactly_at_the_boundary() -> None:
     data = _encode(_photo(16, 16), "PNG")
     assert decode_upload(data, None, UploadLimits(max_bytes=len(data), max_pixels=256)).size == (

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from model.datasets.records import ImageRecord
-from model.image_format import upright_rgb
+from model.image_format import decode_scaled, upright_rgb
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,20 @@ class ImageFileDataset(Dataset):
             :class:`~model.datasets.records.RetrievalDataset`.
         transform: Turns an RGB PIL image into a tensor (resize, crop, normalise), e.g. timm's
             ``create_transform(**resolve_model_data_config(model))``.
+        decode_side: The short side ``transform`` resizes to: JPEGs much larger decode
+            scaled down (:func:`~model.image_format.decode_scaled`). None decodes full size
+            (training, whose random crops want every pixel).
     """
 
     def __init__(
         self,
         records: Sequence[ImageRecord],
         transform: Callable[[Image.Image], torch.Tensor],
+        decode_side: int | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
+        self.decode_side = decode_side
 
     def __len__(self) -> int:
         """Number of records."""
@@ -69,17 +74,18 @@ class ImageFileDataset(Dataset):
         Errors raised by the transform itself are not caught: they are bugs, not bad files.
         """
         record = self.records[index]
-        image = _open_rgb(record)
+        image = _open_rgb(record, self.decode_side)
         if image is None:
             return None
         return self.transform(image), record.label, index
 
 
-def _open_rgb(record: ImageRecord) -> Image.Image | None:
+def _open_rgb(record: ImageRecord, decode_side: int | None = None) -> Image.Image | None:
     """Decode an image file fully, upright and in RGB as a query upload is, or None (logged at
     debug level) if that fails."""
     try:
         with Image.open(record.path) as image:
+            decode_scaled(image, decode_side)
             image.load()
             return upright_rgb(image)
     except _UNREADABLE as err:
