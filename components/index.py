@@ -50,6 +50,7 @@ class UnreadableCatalogueError(ValueError):
 # An unfinished collection on a server (no file lock tells whether its build still runs) is
 # taken for a killed build's leftover once its name is this old.
 ORPHAN_AFTER = timedelta(hours=12)
+_STAMP = "%Y%m%dT%H%M%S%f"  # a collection name's build time (UTC): names sort by it
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class IndexBuildConfig:
 
 def collection_name(model_version: str, now: datetime | None = None) -> str:
     """``vitrine_<model>_<UTC time>``: names sort by build time."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
+    stamp = (now or datetime.now(UTC)).strftime(_STAMP)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", model_version).strip("_")[:80]
     return f"{COLLECTION_PREFIX}{stamp}_{slug}"
 
@@ -362,7 +363,7 @@ def _built_at(name: str) -> datetime | None:
     """When the build that created ``name`` started (its name says), or None."""
     stamp = name.removeprefix(COLLECTION_PREFIX).split("_", 1)[0]
     try:
-        return datetime.strptime(stamp, "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+        return datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
     except ValueError:
         return None
 

@@ -34,14 +34,13 @@ def _open_image(uri: str, decode_side: int | None):
     if "://" in uri and not uri.startswith("file://"):
         import fsspec
 
-        with fsspec.open(uri, "rb") as handle:
-            image = Image.open(handle)
-            decode_scaled(image, decode_side)
-            image.load()
-            return upright_rgb(image)
-    image = Image.open(uri.removeprefix("file://"))
-    decode_scaled(image, decode_side)
-    image.load()
+        opened = fsspec.open(uri, "rb")
+    else:
+        opened = open(uri.removeprefix("file://"), "rb")  # noqa: SIM115 (closed just below)
+    with opened as handle:
+        image = Image.open(handle)
+        decode_scaled(image, decode_side)
+        image.load()
     return upright_rgb(image)
 
 

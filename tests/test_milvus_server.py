@@ -179,8 +179,8 @@ def test_store_server_path(server: MilvusTestServer) -> None:
         store.set_metadata(first, {"model_version": "m1", "index": {"index_type": "X"}})
         assert _eventually(lambda: store.metadata(first).get("model_version") == "m1")
         assert store.row_by_image(first, "a3")["product_id"] == "p1"
-        before = store.update_product(first, "p0", {"price": 7.5, "title": "renamed"})
-        assert sorted(row["image_id"] for row in before) == ["a0", "a1"]
+        before, changed = store.update_product(first, "p0", {"price": 7.5, "title": "renamed"})
+        assert sorted(row["image_id"] for row in before) == ["a0", "a1"] and changed == 2
         rewritten = {(7.5, "renamed", "red")}  # the dynamic field survives the rewrite
         assert _eventually(
             lambda: {(r["price"], r["title"], r.get("colour")) for r in store.rows_of_product(
