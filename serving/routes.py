@@ -310,8 +310,7 @@ async def add_product(
             before, _changed = await asyncio.to_thread(
                 store.update_product, pair.collection, product_id, fields
             )
-            lost = {str(r.get("category", "")) for r in before} - {category, ""}
-            await _catalogue_changed(holder, pair, store, metrics, gained=category, lost=lost)
+            await _catalogue_changed(holder, pair, store, metrics, before, gained=category)
         return {"product_id": product_id, "image_id": key, "collection": pair.collection}
 
 
@@ -339,9 +338,9 @@ async def update_product(
         )
         if not before:
             raise ApiError(404, "unknown_product", f"no product {product_id!r}")
-        gained = fields.get("category", "")
-        lost = {str(r.get("category", "")) for r in before} - {gained, ""} if gained else set()
-        await _catalogue_changed(holder, pair, store, metrics, gained=gained, lost=lost)
+        await _catalogue_changed(
+            holder, pair, store, metrics, before, gained=fields.get("category", "")
+        )
     return {"product_id": product_id, "updated_images": changed, **fields}
 
 
@@ -355,13 +354,11 @@ async def remove_product(
 ) -> dict:
     """Remove every photo of a product from the live collection."""
     async with holder.use() as pair, holder.admin_lock:
-        rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
-        if not rows:
-            raise ApiError(404, "unknown_product", f"no product {product_id!r}")
         removed = await asyncio.to_thread(store.delete_product, pair.collection, product_id)
-        lost = {str(row.get("category", "")) for row in rows} - {""}
-        await _catalogue_changed(holder, pair, store, metrics, lost=lost)
-    return {"product_id": product_id, "removed_images": removed}
+        if not removed:
+            raise ApiError(404, "unknown_product", f"no product {product_id!r}")
+        await _catalogue_changed(holder, pair, store, metrics, removed)
+    return {"product_id": product_id, "removed_images": len(removed)}
 
 
 async def _catalogue_changed(
@@ -369,19 +366,20 @@ async def _catalogue_changed(
     pair: ServingPair,
     store: Any,
     metrics: Any,
+    before: list[dict[str, Any]],
     gained: str = "",
-    lost: set[str] | None = None,
 ) -> None:
     """Keep what the service reports of its collection true after an admin change (call under
     ``holder.admin_lock``): the row count (``/readyz``, ``/v1/info``,
     ``vitrine_collection_rows``) and the categories the page offers as a filter (a category
-    goes once no row has it). The categories are also recorded with the collection
+    goes once no row has it). ``before``: the changed product's rows as they were;
+    ``gained``: a category it has now. The categories are also recorded with the collection
     (``live``), so a restart, a rollout or another replica loading it sees them."""
     rows = await asyncio.to_thread(store.count, pair.collection)
     categories = set(pair.metadata.get("categories", []))
     if gained:
         categories.add(gained)
-    for category in lost or ():
+    for category in {str(row.get("category", "")) for row in before} - {gained, ""}:
         expr = milvus_filter(category)
         if not await asyncio.to_thread(store.has_rows, pair.collection, expr):
             categories.discard(category)

@@ -766,9 +766,9 @@ class VectorStore:
         self.upsert(name, changed)
         return rows, len(changed)
 
-    def delete_product(self, name: str, product_id: str) -> int:
-        """Remove every image of a product; return how many rows were removed."""
-        present = len(self.rows_of_product(name, product_id))
+    def delete_product(self, name: str, product_id: str) -> list[dict[str, Any]]:
+        """Remove every image of a product; return the rows removed (without embeddings)."""
+        present = self.rows_of_product(name, product_id)
         self._call(name, "delete", name, filter=f"product_id == {quote(product_id)}")
         return present
 

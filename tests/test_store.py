@@ -274,11 +274,11 @@ def test_rows_of_a_product_upsert_and_delete(tmp_path: Path) -> None:
         assert store.rows_of_product(name, quoted)[0]["image_id"] == "img00010"
         assert store.count(name) == 30  # replaced, not added
 
-        assert store.delete_product(name, "p0003") == 2
+        assert len(store.delete_product(name, "p0003")) == 2
         assert store.rows_of_product(name, "p0003") == []
         assert store.row_by_image(name, "img00009") is None
         assert store.count(name) == 28
-        assert store.delete_product(name, "p0003") == 0
+        assert len(store.delete_product(name, "p0003")) == 0
         hits = store.search(name, vectors[9:10], 30)[0]
         assert not {"img00009", "img00011"} & {hit["image_id"] for hit in hits}
     finally:
