@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "server, the best index Milvus Lite builds otherwise), verify the ANN top-10 against "
         "exact search on >= 200 catalogue queries, and only then move the alias the service "
         "reads. A failed build is dropped and the alias left alone. Older collections beyond "
-        "--keep are removed; --rollback points the alias back at the previous one. Options not "
+        "--keep are removed; --rollback points the alias back at the previous one, --list shows "
+        "them. Options not "
         "given come from the `index` section of --params.",
     )
     index.add_argument("manifest", type=Path, nargs="?", help="validated.csv from vitrine validate")
@@ -248,7 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     index.add_argument(
-        "--rollback", action="store_true", help="point the alias at the previous collection"
+        "--rollback",
+        nargs="?",
+        const="",
+        metavar="COLLECTION",
+        help="point the alias back at the collection served before the current one (again: "
+        "the one before that), or at COLLECTION; running services switch with vitrine rollout",
+    )
+    index.add_argument(
+        "--list",
+        action="store_true",
+        help="list the collections kept: which one is served, where --rollback goes, model "
+        "version, build time, index type, rows",
     )
     index.add_argument("--json", type=Path, help="also write the summary to this JSON file")
     index.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -375,7 +387,7 @@ def _load_dataset(args: argparse.Namespace):
     return load_dataset(args.dataset, args.root)
 
 
-def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+def _write_json(path: Path | None, payload: dict[str, Any] | list[Any]) -> None:
     if path is not None:
         from model.package import write_json
 
@@ -624,11 +636,16 @@ def index_config_from_args(args: argparse.Namespace):
 
 def run_index(args: argparse.Namespace) -> int:
     """``vitrine index``."""
-    from components.index import build_index, rollback_index
+    from components.index import build_index, list_collections, rollback_index
 
     config = index_config_from_args(args)
-    if args.rollback:
-        summary = rollback_index(config)
+    if args.list:
+        listed = list_collections(config)
+        print_collections(listed, config)
+        _write_json(args.json, listed)
+        return 0
+    if args.rollback is not None:
+        summary = rollback_index(config, to=args.rollback or None)
         print(f"alias {summary['alias']} -> {summary['collection']} (was {summary['previous']})")
         print("running services switch with: vitrine rollout")
     else:
@@ -649,6 +666,30 @@ def run_index(args: argparse.Namespace) -> int:
             print(f"removed old collections: {', '.join(summary['removed'])}")
     _write_json(args.json, summary)
     return 0
+
+
+def print_collections(listed: list[dict], config) -> None:
+    """``vitrine index --list``: one line per collection, oldest first."""
+    if not listed:
+        print(f"no collections in {config.uri}")
+        return
+    print(f"collections in {config.uri} (alias {config.alias}), oldest first:")
+    for entry in listed:
+        if entry["served"]:
+            mark = "served"
+        elif entry["rollback"]:
+            mark = f"rollback {entry['rollback']}"
+        elif not entry["finished"]:
+            mark = "unfinished"
+        else:
+            mark = ""
+        facts = [
+            f"model {entry['model_version']}" if entry["model_version"] else "",
+            f"built {entry['built_at']}" if entry["built_at"] else "",
+            entry["index_type"] or "",
+            f"{entry['rows']} rows" if entry["rows"] is not None else "",
+        ]
+        print(f"  {mark:<11} {entry['collection']}  {'  '.join(f for f in facts if f)}")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -304,12 +304,22 @@ def build_index(
         yardsticks = service_yardsticks(rows, vectors, config)
         for key, document in yardsticks.items():
             store.set_metadata(name, document, key=key)
-        store.set_metadata(name, metadata)  # last: marks the build complete
+        store.set_metadata(name, metadata)  # marks the build complete
+        card = {
+            "model_version": version,
+            "built_at": metadata["built_at"],
+            "index_type": spec.index_type,
+            "rows": len(rows),
+            "replaced": store.alias_target(),  # where a rollback from it goes
+        }
+        store.set_card(name, card)
     except BaseException:
         store.drop(name)
         store.close()
         raise
     previous = store.point_alias(name)
+    if previous != card["replaced"]:  # another build moved the alias in between
+        store.set_card(name, {**card, "replaced": previous})
     removed = cleanup_collections(store, config.keep_collections, previous)
     store.close()
     seconds["total"] = time.perf_counter() - started
@@ -351,6 +361,8 @@ def service_yardsticks(
 
 def _finished(store: VectorStore, name: str) -> bool:
     """Whether a build recorded its metadata in ``name`` (a killed build never does)."""
+    if store.card(name):  # written after the metadata, readable without opening ``name``
+        return True
     try:
         return bool(store.recorded(name).get("model_version"))
     except StoreUnavailable:  # held by another process (Lite file lock): assume it is whole
@@ -378,27 +390,60 @@ def _may_still_be_building(store: VectorStore, name: str) -> bool:
     return built is None or datetime.now(UTC) - built < ORPHAN_AFTER
 
 
+def rollback_order(
+    store: VectorStore, served: str | None, names: list[str], limit: int | None = None
+) -> list[str]:
+    """Where successive rollbacks from ``served`` go, nearest first (at most ``limit``).
+
+    Each build records the collection it replaced; the order follows those links back (so a
+    collection rolled back from is not returned to when a later build replaced the one
+    rolled back to). Where a link is missing (a collection built before links were
+    recorded) or leads to a dropped or unfinished collection, the newest finished collection
+    older than the current step stands in.
+    """
+    present = set(names)
+    order: list[str] = []
+    seen = {served}
+    current = served
+    while limit is None or len(order) < limit:
+        linked = store.card(current).get("replaced") if current in present else None
+        if linked in present and linked not in seen and _finished(store, linked):
+            step = linked
+        else:
+            older = (n for n in reversed(names) if current is None or n < current)
+            step = next((n for n in older if n not in seen and _finished(store, n)), None)
+        if step is None:
+            return order
+        order.append(step)
+        seen.add(step)
+        current = step
+    return order
+
+
 def cleanup_collections(store: VectorStore, keep: int, previous: str | None = None) -> list[str]:
     """Drop the collections a rollback will not need, and the leftovers of killed builds.
 
     Kept: the served collection; ``previous`` (what the alias pointed at before, which
-    running services still answer from until they roll out); the ``keep`` newest finished
-    collections older than the served one; finished collections newer than it (a build that
-    ran beside this one); any collection another process has open (a Milvus Lite file lock:
-    a service or a build); and, on a server, unfinished collections younger than
-    :data:`ORPHAN_AFTER`. Dropped: older finished collections beyond those, and unfinished
-    ones (killed builds). Returns the dropped names, oldest first.
+    running services still answer from until they roll out); ``keep`` older finished
+    collections, the first ones of the :func:`rollback_order` before the newest others (so
+    a collection rolled back from goes before the one rolled back to); finished collections
+    newer than the served one (a build that ran beside this one); any collection another
+    process has open (a Milvus Lite file lock: a service or a build); and, on a server,
+    unfinished collections younger than :data:`ORPHAN_AFTER`. Dropped: other finished
+    collections older than the served one, and unfinished ones (killed builds). Returns the
+    dropped names, oldest first.
     """
     served = store.alias_target()
     names = store.collections()
     if served not in names:
         return []
+    chain = rollback_order(store, served, names, keep)
+    spared = {served, previous, *chain}
+    # The rollback order fills the ``keep`` places first; what it leaves, the newest others.
+    kept = len(chain)
     doomed = []
-    # ``previous`` fills one of the ``keep`` places whatever its age (after a rollback it is
-    # the oldest); the others go to the newest.
-    kept = int(previous is not None and previous != served and previous in names)
     for name in reversed(names):  # newest first
-        if name in (served, previous):
+        if name in spared:
             continue
         held = store.held_elsewhere(name)
         if held is not False:
@@ -418,20 +463,28 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
     return doomed
 
 
-def rollback_index(config: IndexBuildConfig | None = None) -> dict[str, Any]:
-    """Point the alias back at the newest collection older than the served one.
+def rollback_index(config: IndexBuildConfig | None = None, to: str | None = None) -> dict[str, Any]:
+    """Point the alias back at the collection served before the current one (see
+    :func:`rollback_order`), or at ``to``, any finished collection kept.
 
     Raises:
-        RuntimeError: There is no older collection to go back to.
+        RuntimeError: There is nothing to roll back to, or ``to`` is not a finished
+            collection of this store.
     """
     config = config or IndexBuildConfig()
     store = VectorStore(config.uri, alias=config.alias)
     try:
         served = store.alias_target()
         names = store.collections()
-        older = [n for n in names if served is None or n < served]
-        # The newest older collection whose build finished (skip a killed build's leftovers).
-        target = next((n for n in reversed(older) if _finished(store, n)), None)
+        if to is not None:
+            if to not in names or not _finished(store, to):
+                raise RuntimeError(
+                    f"{to} is not a finished collection in {config.uri}; "
+                    "`vitrine index --list` shows the ones kept"
+                )
+            target = to
+        else:
+            target = next(iter(rollback_order(store, served, names, 1)), None)
         if target is None:
             raise RuntimeError(
                 f"nothing to roll back to: alias {config.alias} serves {served} and no older "
@@ -447,3 +500,47 @@ def rollback_index(config: IndexBuildConfig | None = None) -> dict[str, Any]:
         }
     finally:
         store.close()
+
+
+def list_collections(config: IndexBuildConfig | None = None) -> list[dict[str, Any]]:
+    """The store's Vitrine collections, oldest first: for each, whether the alias serves it,
+    its place in the rollback order (1 = where ``--rollback`` goes), whether its build
+    finished, and what the build recorded (model version, build time, index type, rows)."""
+    config = config or IndexBuildConfig()
+    store = VectorStore(config.uri, alias=config.alias)
+    try:
+        served = store.alias_target()
+        names = store.collections()
+        order = rollback_order(store, served, names) if served in names else []
+        listed = []
+        for name in names:
+            card = store.card(name)
+            if not card and _finished(store, name):  # built before cards were written
+                build = _recorded_or_empty(store, name)
+                card = {
+                    "model_version": build.get("model_version"),
+                    "built_at": build.get("built_at"),
+                    "index_type": build.get("index", {}).get("index_type"),
+                }
+            listed.append(
+                {
+                    "collection": name,
+                    "served": name == served,
+                    "rollback": order.index(name) + 1 if name in order else None,
+                    "finished": bool(card),
+                    **{key: card.get(key) for key in _CARD_FIELDS},
+                }
+            )
+        return listed
+    finally:
+        store.close()
+
+
+_CARD_FIELDS = ("model_version", "built_at", "index_type", "rows")
+
+
+def _recorded_or_empty(store: VectorStore, name: str) -> dict[str, Any]:
+    try:
+        return store.recorded(name)
+    except StoreError:  # held by another process, or no metadata
+        return {}

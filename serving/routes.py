@@ -19,7 +19,7 @@ from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_vector
-from serving.uploads import UploadLimits, check_content_type, decode_upload
+from serving.uploads import UploadLimits, check_content_type, decode_upload, sniffed_mime_type
 
 router = APIRouter()
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -243,14 +243,7 @@ async def catalogue_image(image_id: str, holder: HolderDep, store: StoreDep) -> 
 def _sniff_image_type(path: Path) -> str | None:
     """The MIME type of an image file from its first bytes (None: let the suffix decide)."""
     with path.open("rb") as handle:
-        head = handle.read(12)
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+        return sniffed_mime_type(handle.read(16))
 
 
 @router.get("/v1/info", tags=["service"], responses=documented_errors(503))

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 COLLECTION_PREFIX = "vitrine_"
 DEFAULT_ALIAS = "vitrine_products"
 META_VALUE_CHARS = 65535  # one metadata document (VARCHAR's limit)
+CARD_KEY = "card"  # metadata key of a collection's card on a server (see VectorStore.set_card)
+CARD_SUFFIX = ".card.json"  # its file beside a Milvus Lite collection's
 # Dense-vector index types Milvus Lite may build, best first for catalogue-sized collections
 # (graph, then quantised graph, then inverted lists, then exact). No DiskANN: Lite 3.2.2 takes
 # the request, then fails to index segments and to load after a restart.
@@ -628,6 +630,28 @@ class VectorStore:
         )
         return json.loads(rows[0]["value"]) if rows else {}
 
+    def set_card(self, name: str, card: dict[str, Any]) -> None:
+        """Record a few facts about a collection (what built it, what it replaced as the
+        alias's target) where they can be read without opening it: on Milvus Lite a file
+        beside the collection's (a running service holds the collection's own file), on a
+        server its metadata under ``card``."""
+        if not self.embedded:
+            self.set_metadata(name, card, key=CARD_KEY)
+            return
+        path = self.folder / f"{name}{CARD_SUFFIX}"
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps(card, default=str))
+        os.replace(staging, path)
+
+    def card(self, name: str) -> dict[str, Any]:
+        """What :meth:`set_card` recorded for ``name``, or ``{}`` (none, or unreadable)."""
+        try:
+            if not self.embedded:
+                return self.recorded(name, key=CARD_KEY)
+            return json.loads((self.folder / f"{name}{CARD_SUFFIX}").read_text())
+        except (StoreError, OSError, ValueError):  # StoreUnavailable is a StoreError
+            return {}
+
     def metadata(self, name: str) -> dict[str, Any]:
         """What :meth:`set_metadata` recorded, with the current row count."""
         found = self.recorded(name)
@@ -655,6 +679,7 @@ class VectorStore:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+            (self.folder / f"{name}{CARD_SUFFIX}").unlink(missing_ok=True)
             return
         for target in (name, f"{name}_meta"):
             if self._call(None, "has_collection", target):

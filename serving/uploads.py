@@ -155,6 +155,13 @@ def check_content_type(content_type: str | None, limits: UploadLimits) -> None:
         )
 
 
+def sniffed_mime_type(head: bytes) -> str | None:
+    """The MIME type the first bytes of an image announce (None: not an image we know)."""
+    fmt = signature(head)
+    types = _mime_types(fmt) if fmt else ()
+    return types[0] if types else None
+
+
 def _mime_types(fmt: str) -> tuple[str, ...]:
     """MIME types of a Pillow format, falling back to the one Pillow registers."""
     if fmt in _MIME_TYPES:

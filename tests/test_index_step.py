@@ -12,6 +12,7 @@ import torch
 
 from components.catalog.config import ImageLimits, ValidationConfig
 from components.catalog.demo import CATEGORIES, generate_demo_catalog
+from components.cli import main
 from components.index import (
     ORPHAN_AFTER,
     IndexBuildConfig,
@@ -20,6 +21,7 @@ from components.index import (
     _may_still_be_building,
     build_index,
     collection_name,
+    list_collections,
     rollback_index,
 )
 from components.validate import validate_catalog
@@ -158,6 +160,50 @@ def test_build_fail_rebuild_and_roll_back(tmp_path: Path, validated: Path, packa
     with pytest.raises(RuntimeError, match="nothing to roll back to"):
         rollback_index(config)
     assert _served(config) == name
+
+
+def test_rollback_returns_to_what_was_served_before_not_to_what_was_rolled_back_from(
+    tmp_path: Path, validated: Path, package: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """a served, b built (bad), rolled back to a, c built: undoing c must bring back a, the
+    collection c replaced, not b (the newest older one); a clean-up fills its places in that
+    order. The links are read without opening a collection, so
+    they hold while a service has the served one open."""
+    config = _config(tmp_path, keep_collections=2)
+    a, b = (_build(validated, package, config)["collection"] for _ in range(2))
+    assert rollback_index(config)["collection"] == a
+    c = _build(validated, package, config)["collection"]
+    assert [(e["collection"], e["served"], e["rollback"]) for e in list_collections(config)] == [
+        (a, False, 1),
+        (b, False, None),
+        (c, True, None),
+    ]
+    holder = _hold(config, c)  # a running service answers from c
+    try:
+        back = rollback_index(config)
+    finally:
+        holder.stop()
+    assert (back["collection"], back["previous"]) == (a, c)
+
+    # Forward again by name; an unknown name is refused with what to do.
+    assert rollback_index(config, to=c)["collection"] == c
+    with pytest.raises(RuntimeError, match=r"vitrine_nope .*vitrine index --list"):
+        rollback_index(config, to="vitrine_nope")
+    assert _served(config) == c
+
+    assert main(["index", "--uri", config.uri, "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"served      {c}  model {package_version(package)}" in listed
+    assert f"rollback 1  {a}  model" in listed and "30 rows" in listed
+    assert main(["index", "--uri", config.uri, "--rollback", a]) == 0
+    assert f"-> {a} (was {c})" in capsys.readouterr().out
+
+    # With room for one older collection, the rollback order takes it: b, rolled back from,
+    # goes first (then a, beyond the room).
+    rollback_index(config, to=c)
+    d = _build(validated, package, dataclasses.replace(config, keep_collections=1))
+    assert (d["previous"], d["removed"]) == (c, [a, b])
+    assert not list((tmp_path / "milvus").glob(f"{b}*"))  # its card went with it
 
 
 def test_cleanup_keeps_the_newest_and_drops_orphans(

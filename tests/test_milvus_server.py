@@ -178,6 +178,9 @@ def test_store_server_path(server: MilvusTestServer) -> None:
         # Collections are Strong-consistent: reads see the writes before them.
         store.set_metadata(first, {"model_version": "m1", "index": {"index_type": "X"}})
         assert _eventually(lambda: store.metadata(first).get("model_version") == "m1")
+        assert store.card(second) == {}  # none yet
+        store.set_card(second, {"replaced": first, "rows": 64})
+        assert _eventually(lambda: store.card(second) == {"replaced": first, "rows": 64})
         assert store.row_by_image(first, "a3")["product_id"] == "p1"
         before, changed = store.update_product(first, "p0", {"price": 7.5, "title": "renamed"})
         assert sorted(row["image_id"] for row in before) == ["a0", "a1"] and changed == 2

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from components.catalog.bad_rows import write_png_bomb
-from serving.uploads import UploadError, UploadLimits, decode_upload
+from serving.uploads import UploadError, UploadLimits, decode_upload, sniffed_mime_type
 
 LIMITS = UploadLimits()
 
@@ -206,3 +206,15 @@ def test_limits_apply_exactly_at_the_boundary() -> None:
     assert _refusal(data, None, UploadLimits(max_pixels=255)).code == "too_many_pixels"
     assert _refusal(data, None, UploadLimits(min_side=17)).code == "image_too_small"
     assert _refusal(data, None, UploadLimits(max_bytes=len(data) - 1)).code == "upload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp"), ("GIF", "image/gif")],
+)
+def test_the_bytes_name_their_mime_type(fmt: str, expected: str) -> None:
+    """What /v1/images serves an admin-added ``.img`` file as."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+    assert sniffed_mime_type(buffer.getvalue()[:16]) == expected
+    assert sniffed_mime_type(b"not an image at all") is None
