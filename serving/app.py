@@ -27,6 +27,7 @@ from serving.pair import PairHolder
 from serving.routes import router
 from serving.settings import Settings, get_settings
 from serving.store import VectorStore
+from serving.uploads import photo_size_limit
 
 log = logging.getLogger(__name__)
 # Room for the multipart envelope and form fields around the image itself.
@@ -46,16 +47,17 @@ class BodyLimit:
     route could look at it.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, on_refuse) -> None:
+    def __init__(self, app: ASGIApp, limit: int, on_refuse, photo_limit: int) -> None:
         self.app = app
         self.limit = limit
         self.on_refuse = on_refuse
+        self.message = f"the request body is over {limit} bytes: {photo_size_limit(photo_limit)}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"the request body is over {self.limit} bytes"
+        message = self.message
         length = Headers(scope=scope).get("content-length")
         if length and length.isdigit() and int(length) > self.limit:
             self.on_refuse()
@@ -197,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit,
         limit=settings.max_upload_bytes + ENVELOPE_BYTES,
+        photo_limit=settings.max_upload_bytes,
         on_refuse=lambda: app.state.metrics.errors.labels("upload_too_large").inc(),
     )
 

@@ -19,7 +19,13 @@ from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_vector
-from serving.uploads import UploadLimits, check_content_type, decode_upload, sniffed_mime_type
+from serving.uploads import (
+    UploadLimits,
+    check_content_type,
+    decode_upload,
+    photo_size_limit,
+    sniffed_mime_type,
+)
 
 router = APIRouter()
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -128,7 +134,9 @@ async def _read_upload(image: UploadFile, settings: Any) -> bytes:
     data = await image.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(
-            413, "upload_too_large", f"the image is over {settings.max_upload_bytes} bytes"
+            413,
+            "upload_too_large",
+            f"the image is too large: {photo_size_limit(settings.max_upload_bytes)}",
         )
     return data
 

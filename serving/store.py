@@ -364,17 +364,19 @@ class VectorStore:
             raise
         except Exception as err:
             if _unavailable(err):
-                self.forget(collection)
+                self.forget(collection, broken=True)
                 raise StoreUnavailable(f"Milvus at {self.uri} is unavailable: {err}") from err
             if any(marker in str(err).lower() for marker in _NOT_YET):
                 raise StoreUnavailable(f"Milvus at {self.uri} is not ready yet: {err}") from err
             raise StoreError(f"Milvus {method} on {collection}: {err}") from err
 
-    def forget(self, collection: str | None = None) -> None:
+    def forget(self, collection: str | None = None, broken: bool = False) -> None:
         """Drop a cached client so the next call reconnects (after an outage).
 
         Lite: once no client of this process holds the collection's file any more, its
-        in-process server is stopped, which releases the file lock.
+        in-process server is stopped, which releases the file lock. ``broken`` (a call found
+        it unavailable: dead, or hung past the timeout): its child process is stopped now,
+        whoever else holds it, and the next one loads the collection again.
         """
         key = collection if self.embedded else ""
         with self._lock:
@@ -384,7 +386,7 @@ class VectorStore:
             with contextlib.suppress(Exception):  # already broken: nothing more to release
                 client.close()
         if path is not None:
-            _release_lite(path)
+            _release_lite(path, force=broken, broken=broken)
 
     def close(self) -> None:
         """Close every client (Lite releases its file locks)."""
@@ -394,17 +396,20 @@ class VectorStore:
             self.forget(key or None)
 
     def ping(self, collection: str | None = None) -> bool:
-        """Whether Milvus answers now: ``collection`` (default: the alias target) is there."""
+        """Whether Milvus answers now: ``collection`` (default: the alias target) is there and
+        loaded, so that it can be searched."""
         try:
             target = collection or self.alias_target()
-            if self.embedded:
-                return target is not None and self._call(target, "has_collection", target)
             if target is None:
+                if self.embedded:
+                    return False
                 self._call(None, "list_collections")
                 return True
-            # After a server restart the collection answers searches only once it is loaded
-            # again (Milvus reloads it itself, in tens of seconds).
-            state = self._call(None, "get_load_state", target)
+            if self.embedded and not self._call(target, "has_collection", target):
+                return False
+            # A collection answers searches only while loaded: after a server restart Milvus
+            # reloads it itself (in tens of seconds); a new Lite child has it loaded again.
+            state = self._call(target, "get_load_state", target)
             return "loaded" in str(state.get("state", "")).lower().split(".")[-1]
         except StoreError:
             return False
@@ -798,8 +803,11 @@ class VectorStore:
         return present
 
 
-def _release_lite(path: str, force: bool = False) -> None:
-    """One client of this process closed ``path``; stop its Lite server after the last."""
+def _release_lite(path: str, force: bool = False, broken: bool = False) -> None:
+    """One client of this process closed ``path``; stop its Lite server after the last
+    (``force``: now). ``broken``: its child stopped answering; the one started next must
+    load the collection again (a child that merely hangs is alive, so asking it says
+    nothing), and this one is not given time to shut down cleanly."""
     with _LITE_LOCK:
         left = _LITE_OPEN.get(path, 0) - 1
         if left > 0 and not force:
@@ -808,9 +816,9 @@ def _release_lite(path: str, force: bool = False) -> None:
         _LITE_OPEN.pop(path, None)
         child = _LITE_CHILDREN.pop(path, None)
         if child is not None:
-            if not child.alive():
+            if broken or not child.alive():
                 _LITE_DIED.add(path)
-            child.stop()
+            child.stop(timeout=1.0 if broken else 10.0)
             return
         try:
             from milvus_lite.server_manager import server_manager_instance

@@ -155,6 +155,12 @@ def check_content_type(content_type: str | None, limits: UploadLimits) -> None:
         )
 
 
+def photo_size_limit(max_bytes: int) -> str:
+    """What a refused upload's message tells the user about the limit."""
+    size = f"{max_bytes / 2**20:.1f} MiB" if max_bytes >= 2**20 else f"{max_bytes / 2**10:.1f} KiB"
+    return f"a photo may be at most {size} ({max_bytes} bytes)"
+
+
 def sniffed_mime_type(head: bytes) -> str | None:
     """The MIME type the first bytes of an image announce (None: not an image we know)."""
     fmt = signature(head)

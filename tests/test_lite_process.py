@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -111,6 +112,33 @@ def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> Non
         )
         assert lite_pids(tmp_path)
     finally:
+        store.close()
+
+
+def test_a_hung_child_is_unavailable_once_then_replaced_with_the_collection_loaded(
+    tmp_path: Path,
+) -> None:
+    """A child that stops answering (stopped, not dead) is given up after the timeout; the
+    next one must load the collection again, or every search after it fails (the collection
+    is "released") while a ping says all is well."""
+    vectors = _clustered(100, seed=7)
+    store = _build(tmp_path / "milvus", True, vectors)
+    store.load(NAME)
+    store.timeout = 2.0
+    try:
+        (pid,) = lite_pids(tmp_path)
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(StoreUnavailable):
+            store.search(NAME, vectors[:1], 1, _spec())
+        assert _wait_gone(pid)  # killed, not left frozen beside its successor
+        assert store.search(NAME, vectors[:1], 1, _spec())[0][0]["image_id"] == "img00000"
+        assert store.ping(NAME)
+        store.forget(NAME)  # a child that starts without the collection loaded: not ready
+        store._call(NAME, "release_collection", NAME)
+        assert not store.ping(NAME)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         store.close()
 
 

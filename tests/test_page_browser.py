@@ -2,7 +2,8 @@
 
 A tiny model indexes a small demo catalogue into Milvus Lite; the app runs under uvicorn on a
 free local port; headless Chromium (through Selenium and chromedriver) drives the page: versions,
-photo upload, result cards, the category filter, "more like this" and an invalid upload.
+photo upload, result cards, the category filter, "more like this", an invalid upload, the
+keyboard, the address bar and Back, a phone-sized screen, and a rollout seen by an open page.
 Skips, saying which, when Chromium, chromedriver or Selenium is missing.
 """
 
@@ -39,6 +40,7 @@ CHROME_FLAGS = (
     "--window-size=1280,1600",  # every card of a result grid in view, so lazy images load
 )
 READY_TIMEOUT_S = 30.0
+TOKEN = "page-test-token"
 WAIT_S = 15.0
 
 pytestmark = [
@@ -53,7 +55,9 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -71,6 +75,9 @@ class Running:
     product: str
     category: str  # `product`'s category, which has other products too
     categories: list[str]
+    validated: Path  # the validated manifest and the model package, for a second build
+    package: Path
+    milvus: Path
 
 
 def _free_socket() -> socket.socket:
@@ -142,7 +149,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     )
     row, categories = _pick_photo(root / "validated" / "validated.csv")
 
-    app = create_app(Settings(milvus_uri=str(milvus), upload_dir=str(root / "uploads")))
+    app = create_app(
+        Settings(milvus_uri=str(milvus), upload_dir=str(root / "uploads"), admin_token=TOKEN)
+    )
     sock = _free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -159,6 +168,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             product=row["product_id"],
             category=row["category"],
             categories=categories,
+            validated=root / "validated" / "validated.csv",
+            package=package,
+            milvus=milvus,
         )
     finally:
         server.should_exit = True
@@ -334,3 +346,123 @@ def test_non_image_upload_shows_the_api_error(browser, service, tmp_path) -> Non
     wait.until(ec.invisibility_of_element_located((By.ID, "preview")))
     assert browser.find_element(By.ID, "drop-text").is_displayed()
     assert not _uncaught_errors(browser)
+
+
+def _query(browser: WebDriver) -> str:
+    return browser.find_element(By.ID, "results").get_attribute("data-query")
+
+
+def test_the_photo_chooser_and_the_results_work_from_the_keyboard(browser, service) -> None:
+    wait = _open(browser, service)
+    browser.execute_script("document.activeElement.blur()")
+    ActionChains(browser).send_keys(Keys.TAB).perform()
+    assert browser.switch_to.active_element.get_attribute("id") == "drop"
+    # Enter opens the file chooser (a click on the hidden input; headless shows no dialog).
+    browser.execute_script(
+        "window.chooserOpened = false; document.getElementById('file').addEventListener("
+        "'click', (e) => { window.chooserOpened = true; e.preventDefault(); }, {once: true});"
+    )
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    assert browser.execute_script("return window.chooserOpened")
+
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    browser.find_element(By.CSS_SELECTOR, "#results .card").send_keys(Keys.ENTER)
+    wait.until(_settled(f"product:{service.product}"))
+    # Focus moves to the new results, not back to the top of the page.
+    focused = browser.switch_to.active_element
+    assert "card" in focused.get_attribute("class"), focused.tag_name
+    # The query shows the product now, not the photo uploaded before.
+    caption = browser.find_element(By.ID, "query-caption").text
+    assert service.product in caption and len(caption) > len(service.product) + 3
+
+
+def test_searches_are_steps_of_the_history_and_addresses(browser, service) -> None:
+    browser.get("about:blank")
+    wait = _open(browser, service)
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    assert browser.current_url == service.url + "/"
+    browser.find_element(By.CSS_SELECTOR, f'.card[data-product-id="{service.product}"]').click()
+    wait.until(_settled(f"product:{service.product}"))
+    assert browser.current_url.endswith(f"/?product={service.product}")
+    first = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    Select(browser.find_element(By.ID, "category")).select_by_value(service.category)
+    wait.until(ec.staleness_of(first))
+    wait.until(_settled(f"product:{service.product}"))
+    shared = browser.current_url  # a filter change replaces the step
+    assert shared.endswith(f"/?product={service.product}&category={service.category}")
+
+    browser.back()  # to the photo's results, searched again with the filters of then
+    wait.until(_settled("image"))
+    assert _cards(browser)[0]["productId"] == service.product
+    assert Select(browser.find_element(By.ID, "category")).first_selected_option.text == "all"
+    browser.back()  # to the empty page
+    wait.until(lambda d: _query(d) == "" and not d.find_elements(By.CSS_SELECTOR, ".card"))
+    assert browser.current_url == service.url + "/"
+    browser.forward()
+    wait.until(_settled("image"))
+
+    # The shared address runs the product search with its filter, on a fresh page too.
+    browser.get(shared)
+    wait.until(_settled(f"product:{service.product}"))
+    cards = _cards(browser)
+    assert cards and {c["category"] for c in cards} == {service.category}
+    assert Select(browser.find_element(By.ID, "category")).first_selected_option.text == (
+        service.category
+    )
+    wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("naturalWidth") != "0")
+    # A reload cannot bring a photo back: its step asks for it again.
+    browser.back()
+    browser.refresh()
+    wait.until(lambda d: "choose the photo again" in _status(d).text)
+    assert not _uncaught_errors(browser)
+
+
+def test_a_phone_sized_screen_does_not_scroll_sideways(browser, service) -> None:
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 320, "height": 640, "deviceScaleFactor": 2, "mobile": True},
+    )
+    try:
+        wait = _open(browser, service)
+        _upload(browser, service.photo)
+        wait.until(_settled("image"))
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 320, f"the page is {width} px wide on a 320 px screen"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_an_open_page_follows_a_rollout(browser, service, tmp_path) -> None:
+    """Last in this module: it moves the service to a new collection."""
+    import httpx
+
+    from components.index import IndexBuildConfig, build_index
+
+    wait = _open(browser, service)
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    config = IndexBuildConfig(uri=str(service.milvus))
+    built = build_index(service.validated, service.package, config, progress=False)
+    rolled = httpx.post(
+        f"{service.url}/v1/admin/rollout",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["serving"]["collection"] == built["collection"] != service.collection
+
+    first = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    browser.find_element(By.ID, "top-k").clear()
+    browser.find_element(By.ID, "top-k").send_keys("5", Keys.TAB)  # a new search
+    wait.until(ec.staleness_of(first))
+    wait.until(_settled("image"))
+    assert built["collection"] in _status(browser).text
+    wait.until(
+        lambda d: (
+            d.find_element(By.ID, "versions").get_attribute("data-collection")
+            == built["collection"]
+        )
+    )
+    assert built["collection"] in browser.find_element(By.ID, "versions").text

@@ -346,11 +346,13 @@ def test_bodies_over_the_limit_are_413(strict_client: TestClient, world: World) 
     big_photo = buffer.getvalue()
     assert SMALL_LIMIT < len(big_photo) < SMALL_LIMIT + ENVELOPE_BYTES // 2
     # Under the envelope: the route reads the upload and refuses it.
-    _error(_search(strict_client, big_photo), 413, "upload_too_large")
+    refused = _error(_search(strict_client, big_photo), 413, "upload_too_large")
+    assert f"a photo may be at most 19.5 KiB ({SMALL_LIMIT} bytes)" in refused["message"]
     _assert_good_search(strict_client, world)
     # A declared Content-Length over limit + envelope: refused before the body is read.
     huge = big_photo * 8
-    _error(_search(strict_client, huge), 413, "upload_too_large")
+    refused = _error(_search(strict_client, huge), 413, "upload_too_large")
+    assert f"a photo may be at most 19.5 KiB ({SMALL_LIMIT} bytes)" in refused["message"]
     _assert_good_search(strict_client, world)
     # No Content-Length (chunked): counted as it streams in, and refused long before a
     # 64 MB body is read (the multipart parser would otherwise spool all of it to disk).

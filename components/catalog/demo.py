@@ -19,6 +19,14 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from tqdm.auto import tqdm
 
 CATEGORIES = ("mugs", "bottles", "boxes", "bags", "toys", "lamps")
+SINGULAR = {
+    "mugs": "mug",
+    "bottles": "bottle",
+    "boxes": "box",
+    "bags": "bag",
+    "toys": "toy",
+    "lamps": "lamp",
+}
 SHAPES = ("circle", "square", "triangle", "hexagon", "star", "diamond", "pill", "cross")
 PATTERNS = ("plain", "stripes", "dots", "checks", "rings")
 MANIFEST_COLUMNS = ("product_id", "image_path", "category", "title", "price")
@@ -62,7 +70,7 @@ def make_products(count: int, seed: int = 0) -> list[Product]:
             Product(
                 product_id=f"P{index:05d}",
                 category=category,
-                title=f"{label} {pattern} {shape} {category[:-1]}",
+                title=f"{label} {pattern} {shape} {SINGULAR[category]}",
                 price=round(float(rng.uniform(2, 200)), 2),
                 shape=shape,
                 pattern=pattern,
