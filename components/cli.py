@@ -294,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         "requests in flight finish on the old pair. Needs the admin token "
         "(VITRINE_ADMIN_TOKEN or --token).",
     )
-    rollout.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    rollout.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="service base URL (default: http://127.0.0.1:8000)",
+    )
     rollout.add_argument("--token", help="admin token (default: $VITRINE_ADMIN_TOKEN)")
     rollout.add_argument("--collection", help="serve this collection instead of the alias target")
     rollout.set_defaults(handler=run_rollout)
@@ -698,9 +702,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from serving.app import create_app
     from serving.settings import Settings
+    from serving.store import check_uri
 
     overrides = {"milvus_uri": args.uri, "threads": args.threads}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    check_uri(settings.milvus_uri)  # here, not as a traceback from the service's start-up
     print(f"search page: http://{args.host}:{args.port}/  (API docs at /docs)")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0

@@ -428,7 +428,8 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
     collections, the first ones of the :func:`rollback_order` before the newest others (so
     a collection rolled back from goes before the one rolled back to); finished collections
     newer than the served one (a build that ran beside this one); any collection another
-    process has open (a Milvus Lite file lock: a service or a build); and, on a server,
+    process uses (a Milvus Lite file lock: a service or a build; a service's lease on a
+    server, see VectorStore.hold); and, on a server,
     unfinished collections younger than :data:`ORPHAN_AFTER`. Dropped: other finished
     collections older than the served one, and unfinished ones (killed builds). Returns the
     dropped names, oldest first.
@@ -447,7 +448,7 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
             continue
         held = store.held_elsewhere(name)
         if held is not False:
-            log.info("collection %s is open in another process (or unreadable): kept", name)
+            log.info("collection %s is in use elsewhere (or cannot be told): kept", name)
             continue
         if not _finished(store, name):
             if not _may_still_be_building(store, name):

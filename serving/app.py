@@ -26,7 +26,7 @@ from serving.metrics import ServiceMetrics
 from serving.pair import PairHolder
 from serving.routes import router
 from serving.settings import Settings, get_settings
-from serving.store import VectorStore
+from serving.store import LEASE_EVERY_S, VectorStore
 from serving.uploads import photo_size_limit
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,27 @@ async def _run_canary_periodically(app: FastAPI) -> None:
             log.warning("canary failed: %s", err)
 
 
+async def _watch_readiness(app: FastAPI) -> None:
+    """Every ``readiness_interval_s``, the readiness check of /readyz, for the
+    ``vitrine_ready`` gauge (the ServiceNotReady alert), whether or not anything calls it."""
+    from serving.routes import check_readiness
+
+    while True:
+        await asyncio.sleep(app.state.settings.readiness_interval_s)
+        with contextlib.suppress(Exception):  # a check that fails says so next time
+            await check_readiness(app.state.holder, app.state.store, app.state.metrics)
+
+
+async def _renew_leases_periodically(app: FastAPI) -> None:
+    """On a Milvus server, keep this replica's leases on the collections it answers from
+    fresh, so that an index build's clean-up leaves them alone (see VectorStore.hold)."""
+    if app.state.store.embedded:
+        return  # Milvus Lite: the open file's lock does this
+    while True:
+        await asyncio.sleep(LEASE_EVERY_S)
+        await app.state.holder.renew_leases()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Assemble the service. ``settings`` default to the ``VITRINE_*`` environment."""
     settings = settings or get_settings()
@@ -176,10 +197,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         loader = asyncio.create_task(_load_until_ready(app))
         watcher = asyncio.create_task(_run_canary_periodically(app))
+        leases = asyncio.create_task(_renew_leases_periodically(app))
+        readiness = asyncio.create_task(_watch_readiness(app))
         try:
             yield
         finally:
-            for task in (loader, watcher):
+            for task in (loader, watcher, leases, readiness):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from serving.canary import DriftMonitor
 from serving.embedder import Embedder
 from serving.search_batching import SearchBatcher
 from serving.settings import embed_workers, torch_threads
-from serving.store import IndexSpec, VectorStore, spec_from_dict
+from serving.store import IndexSpec, StoreError, VectorStore, spec_from_dict
 
 log = logging.getLogger(__name__)
 # The metadata key of what admin changes made of a collection since its build (its categories).
@@ -78,6 +81,9 @@ class PairHolder:
         # not garbage-collected mid-way).
         self._draining: list[ServingPair] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        # This replica's name in the leases it holds on a server's collections (see
+        # VectorStore.hold): the index step's clean-up spares what a service answers from.
+        self.lease_holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[ServingPair]:
@@ -104,16 +110,40 @@ class PairHolder:
                 f"alias {self.store.alias} points at no collection in {self.store.uri}: run "
                 "`vitrine index` (or `vitrine demo`) first"
             )
-        await asyncio.to_thread(self.store.load, target)
+        await self._hold(target)
         try:
+            await asyncio.to_thread(self.store.load, target)
             return await self._build_pair(target)
         except BaseException:
             # A refused pair must not keep its collection open: on Milvus Lite an open
             # database is a file lock that would stop the index step from cleaning it up.
-            live = [self.current, *self._draining]
-            if not any(pair is not None and pair.collection == target for pair in live):
-                await asyncio.to_thread(self.store.forget, target)
+            if not self._in_use(target):
+                await self._let_go(target)
             raise
+
+    def _in_use(self, collection: str) -> bool:
+        """Whether the current pair or a draining one answers from ``collection``."""
+        live = [self.current, *self._draining]
+        return any(pair is not None and pair.collection == collection for pair in live)
+
+    async def _hold(self, collection: str) -> None:
+        """Lease ``collection`` (a server's; see VectorStore.hold). A lease that cannot be
+        written costs only the clean-up's protection: logged, not raised."""
+        try:
+            await asyncio.to_thread(self.store.hold, collection, self.lease_holder)
+        except StoreError as err:
+            log.warning("could not lease %s against clean-ups: %s", collection, err)
+
+    async def _let_go(self, collection: str) -> None:
+        """End this replica's lease on ``collection`` and close its client."""
+        with contextlib.suppress(StoreError):  # the lease expires by itself
+            await asyncio.to_thread(self.store.release_hold, collection, self.lease_holder)
+        await asyncio.to_thread(self.store.forget, collection)
+
+    async def renew_leases(self) -> None:
+        """Renew the leases on every collection a pair answers from (every LEASE_EVERY_S)."""
+        for collection in {p.collection for p in [self.current, *self._draining] if p}:
+            await self._hold(collection)
 
     async def _build_pair(self, target: str) -> ServingPair:
         """The model the collection records, loaded and warmed, paired with it."""
@@ -192,9 +222,8 @@ class PairHolder:
         # the second A uses.
         async with self._rollout_lock:
             self._draining = [pair for pair in self._draining if pair is not old]
-            live = [self.current, *self._draining]
-            if not any(pair is not None and pair.collection == old.collection for pair in live):
-                await asyncio.to_thread(self.store.forget, old.collection)
+            if not self._in_use(old.collection):
+                await self._let_go(old.collection)
 
     async def close(self) -> None:
         for task in list(self._retiring):
@@ -203,4 +232,7 @@ class PairHolder:
         for pair in [self.current, *self._draining]:
             if pair is not None:
                 await pair.batcher.close()
+        for collection in {p.collection for p in [self.current, *self._draining] if p}:
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(self.store.release_hold, collection, self.lease_holder)
         await asyncio.to_thread(self.store.close)

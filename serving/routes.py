@@ -454,18 +454,25 @@ async def healthz() -> dict:
 @router.get("/readyz", tags=["service"])
 async def readyz(holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> JSONResponse:
     """Ready when a model and collection are loaded and Milvus answers."""
-    pair = holder.current
-    reachable = await asyncio.to_thread(store.ping, pair.collection) if pair is not None else False
-    ready = pair is not None and reachable
-    metrics.ready.set(1 if ready else 0)
+    ready, reason = await check_readiness(holder, store, metrics)
     body: dict[str, Any] = {"ready": ready}
-    if pair is not None:
-        body.update(pair.describe())
+    if holder.current is not None:
+        body.update(holder.current.describe())
     if not ready:
-        body["reason"] = holder.last_error or (
-            "Milvus is unreachable" if pair is not None else "nothing loaded yet"
-        )
+        body["reason"] = reason
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def check_readiness(holder: Any, store: Any, metrics: Any) -> tuple[bool, str]:
+    """Whether the service can answer searches now, and why not; sets ``vitrine_ready`` (the
+    service also calls this every few seconds, so the gauge moves without /readyz calls)."""
+    pair = holder.current
+    if pair is None:
+        reason = holder.last_error or "nothing loaded yet"
+    else:
+        reason = await asyncio.to_thread(store.why_not_ready, pair.collection)
+    metrics.ready.set(0 if reason else 1)
+    return not reason, reason
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(
         default=5.0, gt=0, description="while nothing is served, retry loading this often"
     )
+    readiness_interval_s: float = Field(
+        default=5.0, gt=0, description="check readiness this often for the vitrine_ready gauge"
+    )
 
 
 def torch_threads(settings: Settings) -> int | None:

@@ -39,6 +39,12 @@ DEFAULT_ALIAS = "vitrine_products"
 META_VALUE_CHARS = 65535  # one metadata document (VARCHAR's limit)
 CARD_KEY = "card"  # metadata key of a collection's card on a server (see VectorStore.set_card)
 CARD_SUFFIX = ".card.json"  # its file beside a Milvus Lite collection's
+# On a server, a service that answers from a collection says so in the collection's metadata
+# (a lease, renewed every LEASE_EVERY_S; one older than LEASE_TTL_S is a service that died),
+# as a Milvus Lite file lock does, so that no index clean-up drops it under the service.
+LEASE_PREFIX = "lease:"
+LEASE_EVERY_S = 30.0
+LEASE_TTL_S = 120.0
 # Dense-vector index types Milvus Lite may build, best first for catalogue-sized collections
 # (graph, then quantised graph, then inverted lists, then exact). No DiskANN: Lite 3.2.2 takes
 # the request, then fails to index segments and to load after a restart.
@@ -161,6 +167,28 @@ def is_embedded(uri: str) -> bool:
     return not re.match(r"^(https?|tcp|grpc|unix)://", uri)
 
 
+def check_uri(uri: str) -> None:
+    """Refuse what is neither a server URI nor plausibly a folder for Milvus Lite: a typo in a
+    server's address would otherwise build an embedded store in a folder named after it.
+
+    Raises:
+        ValueError: An unknown scheme (``htp://``) or a bare ``host:port``.
+    """
+    if not is_embedded(uri):
+        return
+    scheme = re.match(r"^([A-Za-z][\w+.-]*)://", uri)
+    if scheme:
+        raise ValueError(
+            f"Milvus URI {uri!r}: unknown scheme {scheme.group(1)!r}; a server is "
+            "http://host:19530 (or https://, tcp://, grpc://, unix://), Milvus Lite a folder"
+        )
+    if re.fullmatch(r"[\w.-]+:\d{1,5}", uri):
+        raise ValueError(
+            f"Milvus URI {uri!r} looks like a server's host:port: write http://{uri} (a "
+            f"folder for Milvus Lite would be ./{uri.replace(':', '_')})"
+        )
+
+
 def index_spec(index_type: str, config: IndexConfig, reason: str) -> IndexSpec:
     """The build and search parameters Milvus expects for one index type."""
     kind = index_type.upper()
@@ -261,6 +289,7 @@ class VectorStore:
         if not _NAME.match(alias):
             raise ValueError(f"alias {alias!r} must be letters, digits and underscores")
         self.uri = str(uri)
+        check_uri(self.uri)
         self.token = token
         self.alias = alias
         self.timeout = timeout
@@ -315,11 +344,14 @@ class VectorStore:
             return self._clients[key]
 
     def held_elsewhere(self, name: str) -> bool | None:
-        """Milvus Lite: whether another process has collection ``name`` open (its file lock;
-        None: it cannot be told). Always False on a server, where any number of clients
-        share a collection."""
+        """Whether another process uses collection ``name`` (None: it cannot be told).
+
+        Milvus Lite: another process has its file open (the file lock). A server, where any
+        number of clients share a collection: a service holds a lease on it (see
+        :meth:`hold`) renewed less than :data:`LEASE_TTL_S` ago.
+        """
         if not self.embedded:
-            return False
+            return self._leased(name)
         path = os.path.abspath(self.folder / f"{name}.db")
         with _LITE_LOCK:
             if _LITE_OPEN.get(path) or path in _LITE_CHILDREN:
@@ -398,21 +430,32 @@ class VectorStore:
     def ping(self, collection: str | None = None) -> bool:
         """Whether Milvus answers now: ``collection`` (default: the alias target) is there and
         loaded, so that it can be searched."""
+        return not self.why_not_ready(collection)
+
+    def why_not_ready(self, collection: str | None = None) -> str:
+        """What stops ``collection`` (default: the alias target) from answering searches now,
+        or ``""`` when nothing does."""
         try:
             target = collection or self.alias_target()
             if target is None:
                 if self.embedded:
-                    return False
+                    return f"alias {self.alias} points at no collection in {self.uri}"
                 self._call(None, "list_collections")
-                return True
-            if self.embedded and not self._call(target, "has_collection", target):
-                return False
+                return ""
+            if not self._call(target, "has_collection", target):
+                return (
+                    f"collection {target} is gone from {self.uri} (dropped?): roll out another "
+                    "with `vitrine rollout`"
+                )
             # A collection answers searches only while loaded: after a server restart Milvus
             # reloads it itself (in tens of seconds); a new Lite child has it loaded again.
             state = self._call(target, "get_load_state", target)
-            return "loaded" in str(state.get("state", "")).lower().split(".")[-1]
-        except StoreError:
-            return False
+            loaded = "loaded" in str(state.get("state", "")).lower().split(".")[-1]
+            return "" if loaded else f"collection {target} is not loaded (yet)"
+        except StoreUnavailable:
+            return f"Milvus at {self.uri} is unreachable"
+        except StoreError as err:
+            return str(err)
 
     # --- collections ------------------------------------------------------------------
 
@@ -635,6 +678,37 @@ class VectorStore:
         )
         return json.loads(rows[0]["value"]) if rows else {}
 
+    def hold(self, name: str, holder: str) -> None:
+        """Server: lease collection ``name`` for ``holder`` (a service replica) now; renew it
+        every :data:`LEASE_EVERY_S`. Milvus Lite: nothing (its file lock does this)."""
+        if not self.embedded:
+            self.set_metadata(name, {"at": time.time()}, key=f"{LEASE_PREFIX}{holder}")
+
+    def release_hold(self, name: str, holder: str) -> None:
+        """Server: end ``holder``'s lease on ``name`` (it no longer answers from it)."""
+        if not self.embedded:
+            where = f"key == {quote(LEASE_PREFIX + holder)}"
+            self._call(name, "delete", f"{name}_meta", filter=where)
+
+    def _leased(self, name: str) -> bool | None:
+        """Whether a lease on ``name`` is fresh (None: the server cannot be asked)."""
+        meta_name = f"{name}_meta"
+        try:
+            self._call(name, "load_collection", meta_name)
+            rows = self._call(
+                name,
+                "query",
+                meta_name,
+                filter=f"key like {quote(LEASE_PREFIX + '%')}",
+                output_fields=["value"],
+            )
+        except StoreUnavailable:
+            return None
+        except StoreError:  # no metadata companion: nothing ever held it
+            return False
+        now = time.time()
+        return any(now - json.loads(row["value"])["at"] < LEASE_TTL_S for row in rows)
+
     def set_card(self, name: str, card: dict[str, Any]) -> None:
         """Record a few facts about a collection (what built it, what it replaced as the
         alias's target) where they can be read without opening it: on Milvus Lite a file
@@ -697,6 +771,9 @@ class VectorStore:
         if self.embedded:
             pointer = self.folder / f"{self.alias}.alias"
             return pointer.read_text().strip() if pointer.is_file() else None
+        # Asked first: pymilvus logs a traceback for describing an alias that does not exist.
+        if self.alias not in self._call(None, "list_aliases").get("aliases", []):
+            return None
         try:
             found = self._call(None, "describe_alias", self.alias)
         except StoreUnavailable:
@@ -799,8 +876,29 @@ class VectorStore:
     def delete_product(self, name: str, product_id: str) -> list[dict[str, Any]]:
         """Remove every image of a product; return the rows removed (without embeddings)."""
         present = self.rows_of_product(name, product_id)
-        self._call(name, "delete", name, filter=f"product_id == {quote(product_id)}")
+        where = f"product_id == {quote(product_id)}"
+        self._call(name, "delete", name, filter=where)
+        if not self.embedded:
+            self._await_deleted(name, where)
         return present
+
+    def _await_deleted(self, name: str, where: str, attempts: int = 20) -> None:
+        """Wait until a delete by filter shows in reads (a server's).
+
+        Milvus 2.3 answers a delete by filter with a timestamp that its Session reads may
+        precede: the next query still returned the deleted rows (and an update right after a
+        delete wrote them back). One Strong read (~0.2 s) sees the delete, and Session reads
+        after it do too.
+        """
+        for _ in range(attempts):
+            left = self._call(
+                name, "query", name, filter=where, output_fields=["image_id"], limit=1,
+                consistency_level="Strong",
+            )  # fmt: skip
+            if not left:
+                return
+            time.sleep(0.1)
+        raise StoreError(f"rows matching {where} were deleted from {name} but still read back")
 
 
 def _release_lite(path: str, force: bool = False, broken: bool = False) -> None:

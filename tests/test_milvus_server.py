@@ -23,12 +23,12 @@ from fastapi.testclient import TestClient
 
 from components.catalog.config import ImageLimits, ValidationConfig
 from components.catalog.demo import generate_demo_catalog
-from components.index import IndexBuildConfig, build_index
+from components.index import IndexBuildConfig, build_index, cleanup_collections
 from components.validate import validate_catalog
 from model.package import ModelConfig, build_model, save_package
 from serving.app import create_app
 from serving.settings import Settings
-from serving.store import IndexConfig, StoreUnavailable, VectorStore
+from serving.store import LEASE_PREFIX, LEASE_TTL_S, IndexConfig, StoreUnavailable, VectorStore
 from tests.conftest import TINY_BACKBONE
 from tests.milvus_server import MilvusServerError, MilvusTestServer, milvus_missing
 
@@ -190,7 +190,11 @@ def test_store_server_path(server: MilvusTestServer) -> None:
                 first, "p0")} == rewritten
         )  # fmt: skip
         assert len(store.delete_product(first, "p1")) == 2
-        assert _eventually(lambda: store.row_by_image(first, "a3") is None)
+        # At once, not eventually: Session reads right after a delete by filter returned the
+        # deleted rows, and an update then wrote them back.
+        assert store.row_by_image(first, "a3") is None
+        assert store.update_product(first, "p1", {"price": 1.0}) == ([], 0)
+        assert store.rows_of_product(first, "p1") == []
 
         # The alias: created on the first move, altered on the next.
         assert store.alias_target() is None
@@ -381,6 +385,8 @@ def test_service_survives_a_milvus_outage(server: MilvusTestServer, tmp_path: Pa
         assert body["collection"] == built["collection"]
         assert body["results"][0]["product_id"] == "P00003"  # the photo itself is indexed
         assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        # The service leases what it serves, so an index build's clean-up leaves it alone.
+        assert VectorStore(server.uri).held_elsewhere(built["collection"]) is True
 
         # --- Milvus goes away ---
         server.stop(kill=True)
@@ -435,3 +441,36 @@ def test_service_survives_a_milvus_outage(server: MilvusTestServer, tmp_path: Pa
         again = search().json()
         assert again["results"][0]["product_id"] == "P00003"
         assert client.get("/readyz").json()["ready"] is True
+    assert VectorStore(server.uri).held_elsewhere(built["collection"]) is False  # let go
+
+
+def test_a_collection_a_service_leases_survives_the_clean_up(server: MilvusTestServer) -> None:
+    """On a server no file lock says which collections a running service answers from: its
+    lease does. A collection served after a rollback, older than everything kept, survives a
+    clean-up with no room for older collections; once the lease ends or expires, it goes."""
+    store = VectorStore(server.uri, alias=TEST_ALIAS)
+    names = [f"vitrine_20240601T00000{i}000000_lease" for i in range(3)]
+    try:
+        for name in names:
+            store.create_collection(name, DIM)
+            store.set_metadata(name, {"model_version": "m"})  # a finished build
+        store.point_alias(names[2])
+        store.hold(names[0], "replica-1")
+        assert store.held_elsewhere(names[0]) is True
+        assert store.held_elsewhere(names[1]) is False
+        assert cleanup_collections(store, keep=0) == [names[1]]
+        assert [n for n in store.collections() if n in names] == [names[0], names[2]]
+
+        store.release_hold(names[0], "replica-1")
+        assert store.held_elsewhere(names[0]) is False
+        stale = {"at": time.time() - LEASE_TTL_S - 1}  # a replica that died long ago
+        store.set_metadata(names[0], stale, key=f"{LEASE_PREFIX}replica-2")
+        assert store.held_elsewhere(names[0]) is False
+        assert cleanup_collections(store, keep=0) == [names[0]]
+    finally:
+        raw = store._client()
+        if TEST_ALIAS in raw.list_aliases().get("aliases", []):
+            raw.drop_alias(TEST_ALIAS)
+        for name in names:
+            store.drop(name)
+        store.close()

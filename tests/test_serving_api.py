@@ -717,6 +717,35 @@ def test_a_killed_lite_process_is_503_then_searches_come_back(world: World) -> N
         assert lite_pids(folder) - children, "another Lite process serves it now"
 
 
+def test_the_ready_gauge_moves_without_readyz_calls_and_says_why(world: World) -> None:
+    """The ServiceNotReady alert reads vitrine_ready: it must follow the store by itself, not
+    only when something calls /readyz. A collection that is no longer loaded is not ready."""
+    folder = world.root / "gauge_milvus"
+    built = _build(world, world.packages["a"], folder)
+
+    def gauge() -> str:
+        lines = client.get("/metrics").text.splitlines()
+        return next(line for line in lines if line.startswith("vitrine_ready "))
+
+    settings = world.settings(milvus_uri=str(folder), readiness_interval_s=0.1)
+    with TestClient(create_app(settings)) as client:
+        _wait_ready(client)
+        store = client.app.state.store
+        store._call(built["collection"], "release_collection", built["collection"])
+        deadline = time.monotonic() + 10
+        while gauge() != "vitrine_ready 0.0":
+            assert time.monotonic() < deadline, f"still {gauge()} after the release"
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == f"collection {built['collection']} is not loaded (yet)"
+        store.load(built["collection"])
+        deadline = time.monotonic() + 10
+        while gauge() != "vitrine_ready 1.0":
+            assert time.monotonic() < deadline, f"still {gauge()} after the load"
+            time.sleep(0.05)
+
+
 # --- rollout ------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from components.cli import main
 from serving.store import (
     COLLECTION_PREFIX,
     IndexConfig,
@@ -158,6 +160,26 @@ def test_an_explicit_index_type_is_honoured(embedded: bool) -> None:
 def test_is_embedded(uri: str, embedded: bool) -> None:
     assert is_embedded(uri) is embedded
     assert VectorStore(uri).embedded is embedded
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("htp://127.0.0.1:19530", "unknown scheme 'htp'"),
+        ("milvus://host:19530", "unknown scheme 'milvus'"),
+        ("127.0.0.1:19530", "write http://127.0.0.1:19530"),
+        ("milvus-standalone:19530", "write http://milvus-standalone:19530"),
+    ],
+)
+def test_a_mistyped_server_uri_is_refused_not_made_a_lite_folder(
+    uri: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        VectorStore(uri)
+    assert main(["serve", "--uri", uri]) == 2
+    assert says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no folder named after the typo
 
 
 def test_spec_survives_metadata_json_and_rows_batch() -> None:
