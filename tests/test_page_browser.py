@@ -419,6 +419,42 @@ def test_searches_are_steps_of_the_history_and_addresses(browser, service) -> No
     assert not _uncaught_errors(browser)
 
 
+def test_a_fractional_result_count_is_rounded_not_an_error(browser, service) -> None:
+    wait = _open(browser, service)
+    browser.find_element(By.ID, "top-k").clear()
+    browser.find_element(By.ID, "top-k").send_keys("2.5")
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    assert not _status(browser).get_attribute("class"), _status(browser).text
+    assert len(_cards(browser)) == 3  # 2.5 rounds to 3
+    assert "top_k=3" in browser.current_url
+
+
+def test_an_outage_answer_offers_to_try_again(browser, service) -> None:
+    """A 503 (Milvus down) is shown with a button that repeats the search; the first answer
+    is replaced in the page by the one a Milvus outage gives, the retry reaches the service."""
+    wait = _open(browser, service)
+    browser.execute_script(
+        """
+        const real = window.fetch;
+        window.fetch = (url, options) => {
+          window.fetch = real;  // once
+          const body = {error: {code: "milvus_unavailable", message: "Milvus is unavailable"}};
+          return Promise.resolve(new Response(JSON.stringify(body), {status: 503}));
+        };
+        """
+    )
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    assert _status(browser).get_attribute("class") == "error"
+    assert "Milvus is unavailable" in _status(browser).text
+    browser.find_element(By.ID, "retry").click()
+    wait.until(lambda d: _cards(d))
+    assert _cards(browser)[0]["productId"] == service.product
+    assert not _status(browser).get_attribute("class")
+    assert not browser.find_elements(By.ID, "retry")
+
+
 def test_a_phone_sized_screen_does_not_scroll_sideways(browser, service) -> None:
     browser.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
