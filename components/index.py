@@ -491,14 +491,15 @@ def rollback_index(config: IndexBuildConfig | None = None, to: str | None = None
                 f"nothing to roll back to: alias {config.alias} serves {served} and no older "
                 f"finished collection is kept in {config.uri}"
             )
-        store.load(target)
+        if store.embedded:
+            # Lite loads a collection per process, so loading it here would serve nobody, and
+            # fail while a running service (the one to switch back) has it open.
+            details = {**_recorded_or_empty(store, target), **store.card(target)}
+        else:
+            store.load(target)  # a server's services search it as soon as they roll out
+            details = store.metadata(target)
         store.point_alias(target)
-        return {
-            "alias": config.alias,
-            "collection": target,
-            "previous": served,
-            **store.metadata(target),
-        }
+        return {"alias": config.alias, "collection": target, "previous": served, **details}
     finally:
         store.close()
 

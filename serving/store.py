@@ -164,7 +164,7 @@ def _locked_by_another_process(lock_file: Path) -> bool | None:
 
 def is_embedded(uri: str) -> bool:
     """True for a Milvus Lite path, False for a server URI (``http(s)://``, ``tcp://``)."""
-    return not re.match(r"^(https?|tcp|grpc|unix)://", uri)
+    return not re.match(r"^(https?|tcp|grpc|unix)://", uri, re.IGNORECASE)
 
 
 def check_uri(uri: str) -> None:
@@ -182,10 +182,12 @@ def check_uri(uri: str) -> None:
             f"Milvus URI {uri!r}: unknown scheme {scheme.group(1)!r}; a server is "
             "http://host:19530 (or https://, tcp://, grpc://, unix://), Milvus Lite a folder"
         )
-    if re.fullmatch(r"[\w.-]+:\d{1,5}", uri):
+    # A host (letters first, or an IPv4 address) and a port of 4-5 digits, as servers listen
+    # on (19530): ``backup:1`` or ``2026-11-24:1`` stay folder names.
+    if re.fullmatch(r"([A-Za-z][\w.-]*|\d{1,3}(\.\d{1,3}){3}):\d{4,5}", uri):
         raise ValueError(
-            f"Milvus URI {uri!r} looks like a server's host:port: write http://{uri} (a "
-            f"folder for Milvus Lite would be ./{uri.replace(':', '_')})"
+            f"Milvus URI {uri!r} looks like a server's host:port: write http://{uri} (for a "
+            f"Milvus Lite folder of that name, write ./{uri})"
         )
 
 
@@ -299,6 +301,7 @@ class VectorStore:
         self.folder = _lite_folder(self.uri) if self.embedded else None
         self._clients: dict[str, Any] = {}
         self._lite_paths: dict[str, str] = {}  # collection -> the .db path its client holds
+        self._lite_uris: dict[str, str] = {}  # collection -> what its client connected to
         self._lock = threading.RLock()
 
     # --- connections -------------------------------------------------------------------
@@ -324,8 +327,10 @@ class VectorStore:
                                 "with `vitrine rollout`"
                             )
                         with _LITE_LOCK:
-                            client = MilvusClient(self._lite_uri(path))
+                            lite_uri = self._lite_uri(path)
+                            client = MilvusClient(lite_uri)
                             self._clients[key] = client
+                            self._lite_uris[key] = lite_uri
                             _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
                             revived = path in _LITE_DIED
                             _LITE_DIED.discard(path)
@@ -390,35 +395,56 @@ class VectorStore:
         if not self.embedded or self.lite_process:  # a child process can hang like a server
             limit = self.build_timeout if method in _SLOW_CALLS else self.timeout
             kwargs.setdefault("timeout", limit)
+        client = self._client(collection)
         try:
-            return getattr(self._client(collection), method)(*args, **kwargs)
+            return getattr(client, method)(*args, **kwargs)
         except StoreError:
             raise
         except Exception as err:
             if _unavailable(err):
-                self.forget(collection, broken=True)
+                self._forget_broken(collection, client)
                 raise StoreUnavailable(f"Milvus at {self.uri} is unavailable: {err}") from err
             if any(marker in str(err).lower() for marker in _NOT_YET):
                 raise StoreUnavailable(f"Milvus at {self.uri} is not ready yet: {err}") from err
             raise StoreError(f"Milvus {method} on {collection}: {err}") from err
 
-    def forget(self, collection: str | None = None, broken: bool = False) -> None:
+    def forget(self, collection: str | None = None) -> None:
         """Drop a cached client so the next call reconnects (after an outage).
 
         Lite: once no client of this process holds the collection's file any more, its
-        in-process server is stopped, which releases the file lock. ``broken`` (a call found
-        it unavailable: dead, or hung past the timeout): its child process is stopped now,
-        whoever else holds it, and the next one loads the collection again.
+        in-process server is stopped, which releases the file lock.
         """
         key = collection if self.embedded else ""
         with self._lock:
             client = self._clients.pop(key, None)
             path = self._lite_paths.pop(key, None)
+            used = self._lite_uris.pop(key, None)
+        self._close(client, path, used, broken=False)
+
+    def _forget_broken(self, collection: str | None, client: Any) -> None:
+        """A call on ``client`` found Milvus unavailable (dead, or hung past the timeout).
+
+        Only that client is dropped: calls that failed on it together, or later on a client
+        already replaced, must not close the replacement. Lite: the child process it talked
+        to is stopped now, whoever else holds it, and the next one loads the collection
+        again; a newer child that already replaced it is left alone.
+        """
+        key = collection if self.embedded else ""
+        with self._lock:
+            if self._clients.get(key) is not client:
+                return  # dropped already by another failed call
+            del self._clients[key]
+            path = self._lite_paths.pop(key, None)
+            used = self._lite_uris.pop(key, None)
+        self._close(client, path, used, broken=True)
+
+    @staticmethod
+    def _close(client: Any, path: str | None, used: str | None, broken: bool) -> None:
         if client is not None:
             with contextlib.suppress(Exception):  # already broken: nothing more to release
                 client.close()
         if path is not None:
-            _release_lite(path, force=broken, broken=broken)
+            _release_lite(path, force=broken, broken=broken, used=used)
 
     def close(self) -> None:
         """Close every client (Lite releases its file locks)."""
@@ -901,12 +927,19 @@ class VectorStore:
         raise StoreError(f"rows matching {where} were deleted from {name} but still read back")
 
 
-def _release_lite(path: str, force: bool = False, broken: bool = False) -> None:
+def _release_lite(
+    path: str, force: bool = False, broken: bool = False, used: str | None = None
+) -> None:
     """One client of this process closed ``path``; stop its Lite server after the last
     (``force``: now). ``broken``: its child stopped answering; the one started next must
     load the collection again (a child that merely hangs is alive, so asking it says
-    nothing), and this one is not given time to shut down cleanly."""
+    nothing), and this one is not given time to shut down cleanly. ``used``: what the
+    client connected to; a client of a child already replaced releases nothing (the forced
+    stop of its child let go of every client it had)."""
     with _LITE_LOCK:
+        child = _LITE_CHILDREN.get(path)
+        if used is not None and used != (child.uri if child is not None else path):
+            return
         left = _LITE_OPEN.get(path, 0) - 1
         if left > 0 and not force:
             _LITE_OPEN[path] = left

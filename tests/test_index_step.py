@@ -185,8 +185,13 @@ def test_rollback_returns_to_what_was_served_before_not_to_what_was_rolled_back_
         holder.stop()
     assert (back["collection"], back["previous"]) == (a, c)
 
-    # Forward again by name; an unknown name is refused with what to do.
-    assert rollback_index(config, to=c)["collection"] == c
+    # Forward again by name, while a service still answers from c; an unknown name is
+    # refused with what to do.
+    holder = _hold(config, c)
+    try:
+        assert rollback_index(config, to=c)["collection"] == c
+    finally:
+        holder.stop()
     with pytest.raises(RuntimeError, match=r"vitrine_nope .*vitrine index --list"):
         rollback_index(config, to="vitrine_nope")
     assert _served(config) == c

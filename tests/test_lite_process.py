@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,45 @@ def test_a_hung_child_is_unavailable_once_then_replaced_with_the_collection_load
         store.forget(NAME)  # a child that starts without the collection loaded: not ready
         store._call(NAME, "release_collection", NAME)
         assert not store.ping(NAME)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        store.close()
+
+
+def test_concurrent_searches_on_a_hung_child_fail_once_each_and_start_one_child(
+    tmp_path: Path,
+) -> None:
+    """Several searches wait on a hung child together: each fails once at most, and none of
+    their failures stops the child that replaced it (they did: a burst of 503s, three
+    children for one hang)."""
+    vectors = _clustered(100, seed=8)
+    store = _build(tmp_path / "milvus", True, vectors)
+    store.load(NAME)
+    store.timeout = 2.0
+    try:
+        (pid,) = lite_pids(tmp_path)
+        os.kill(pid, signal.SIGSTOP)
+        failures = [0] * 4
+        seen: set[int] = set()
+
+        def client(n: int) -> None:
+            for _ in range(15):
+                try:
+                    store.search(NAME, vectors[n : n + 1], 1, _spec())
+                except StoreUnavailable:
+                    failures[n] += 1
+                seen.update(lite_pids(tmp_path))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert max(failures) <= 1, failures
+        seen.discard(pid)  # the hung one, until it is killed
+        assert len(seen) == 1, f"children started for one hang: {sorted(seen)}"
+        assert store.search(NAME, vectors[:1], 1, _spec())[0][0]["image_id"] == "img00000"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)

@@ -71,6 +71,7 @@ class Running:
     model_version: str
     collection: str
     photo: Path  # a catalogue photo of `product`
+    other_photo: Path  # a photo of another product
     image_id: str  # that photo's image id
     product: str
     category: str  # `product`'s category, which has other products too
@@ -114,6 +115,15 @@ def _pick_photo(validated: Path) -> tuple[dict[str, str], list[str]]:
         products[row["category"]].add(row["product_id"])
     row = next(r for r in rows if len(products[r["category"]]) > 1)
     return row, sorted(products)
+
+
+def _path(row: dict[str, str]) -> Path:
+    return Path(row["image_uri"].removeprefix("file://")).resolve()
+
+
+def _other_product_row(validated: Path, row: dict[str, str]) -> dict[str, str]:
+    with validated.open(newline="") as handle:
+        return next(r for r in csv.DictReader(handle) if r["product_id"] != row["product_id"])
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +173,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             url=url,
             model_version=summary["model_version"],
             collection=summary["collection"],
-            photo=Path(row["image_uri"].removeprefix("file://")).resolve(),
+            photo=_path(row),
+            other_photo=_path(_other_product_row(root / "validated" / "validated.csv", row)),
             image_id=row["image_sha256"],  # the index step keys images by content hash
             product=row["product_id"],
             category=row["category"],
@@ -412,10 +423,16 @@ def test_searches_are_steps_of_the_history_and_addresses(browser, service) -> No
         service.category
     )
     wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("naturalWidth") != "0")
-    # A reload cannot bring a photo back: its step asks for it again.
+    # A reload cannot bring a photo back: its step asks for it again, even once another
+    # photo has been searched after the reload.
     browser.back()
     browser.refresh()
     wait.until(lambda d: "choose the photo again" in _status(d).text)
+    _upload(browser, service.other_photo)
+    wait.until(_settled("image"))
+    browser.back()
+    wait.until(lambda d: "choose the photo again" in _status(d).text)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results .card")
     assert not _uncaught_errors(browser)
 
 

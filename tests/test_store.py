@@ -153,6 +153,7 @@ def test_an_explicit_index_type_is_honoured(embedded: bool) -> None:
         ("./milvus", True),
         ("http://milvus:19530", False),
         ("https://in01-xxx.cloud.zilliz.com", False),
+        ("HTTP://milvus:19530", False),  # schemes are case-insensitive
         ("tcp://10.0.0.5:19530", False),
         ("unix:///tmp/milvus.sock", False),
     ],
@@ -160,6 +161,11 @@ def test_an_explicit_index_type_is_honoured(embedded: bool) -> None:
 def test_is_embedded(uri: str, embedded: bool) -> None:
     assert is_embedded(uri) is embedded
     assert VectorStore(uri).embedded is embedded
+
+
+@pytest.mark.parametrize("folder", ["backup:1", "run-12:30", "2026-11-24:1", "./milvus:19530"])
+def test_folder_names_with_a_colon_stay_lite_folders(folder: str) -> None:
+    assert VectorStore(folder).embedded
 
 
 @pytest.mark.parametrize(
