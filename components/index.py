@@ -359,16 +359,30 @@ def service_yardsticks(
     return {"canary": canary, "drift": drift_reference(vectors, config.drift_window)}
 
 
+def _build_record(store: VectorStore, name: str) -> tuple[bool, dict[str, Any]]:
+    """Whether a build finished ``name`` (a killed build never records its metadata), and
+    what it recorded: its card, or for a collection built before cards the same facts from
+    its metadata."""
+    card = store.card(name)  # written after the metadata, readable without opening ``name``
+    if card:
+        return True, card
+    try:
+        build = store.recorded(name)
+    except StoreUnavailable:  # held by another process (Lite file lock): assume it is whole
+        return True, {}
+    except StoreError:  # no companion collection: the build died before creating it
+        return False, {}
+    facts = {
+        "model_version": build.get("model_version"),
+        "built_at": build.get("built_at"),
+        "index_type": build.get("index", {}).get("index_type"),
+    }
+    return bool(build.get("model_version")), facts
+
+
 def _finished(store: VectorStore, name: str) -> bool:
     """Whether a build recorded its metadata in ``name`` (a killed build never does)."""
-    if store.card(name):  # written after the metadata, readable without opening ``name``
-        return True
-    try:
-        return bool(store.recorded(name).get("model_version"))
-    except StoreUnavailable:  # held by another process (Lite file lock): assume it is whole
-        return True
-    except StoreError:  # no companion collection: the build died before creating it
-        return False
+    return _build_record(store, name)[0]
 
 
 def _built_at(name: str) -> datetime | None:
@@ -516,21 +530,14 @@ def list_collections(config: IndexBuildConfig | None = None) -> list[dict[str, A
         order = rollback_order(store, served, names) if served in names else []
         listed = []
         for name in names:
-            card = store.card(name)
-            if not card and _finished(store, name):  # built before cards were written
-                build = _recorded_or_empty(store, name)
-                card = {
-                    "model_version": build.get("model_version"),
-                    "built_at": build.get("built_at"),
-                    "index_type": build.get("index", {}).get("index_type"),
-                }
+            finished, facts = _build_record(store, name)
             listed.append(
                 {
                     "collection": name,
                     "served": name == served,
                     "rollback": order.index(name) + 1 if name in order else None,
-                    "finished": bool(card),
-                    **{key: card.get(key) for key in _CARD_FIELDS},
+                    "finished": finished,
+                    **{key: facts.get(key) for key in _CARD_FIELDS},
                 }
             )
         return listed

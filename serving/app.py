@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.errors import error_body, install_error_handlers
 from serving.metrics import ServiceMetrics
 from serving.pair import PairHolder
-from serving.routes import router
+from serving.routes import check_readiness, router
 from serving.settings import Settings, get_settings
 from serving.store import LEASE_EVERY_S, VectorStore
 from serving.uploads import photo_size_limit
@@ -57,11 +57,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = self.message
         length = Headers(scope=scope).get("content-length")
         if length and length.isdigit() and int(length) > self.limit:
             self.on_refuse()
-            response = JSONResponse(error_body("upload_too_large", message), status_code=413)
+            response = JSONResponse(error_body("upload_too_large", self.message), status_code=413)
             await response(scope, receive, send)
             return
         received = 0
@@ -73,7 +72,7 @@ class BodyLimit:
                 received += len(event.get("body", b""))
                 if received > self.limit:
                     # Raised inside the route's body parsing; the error handlers answer it.
-                    raise HTTPException(413, message)
+                    raise HTTPException(413, self.message)
             return event
 
         await self.app(scope, counted, send)
@@ -157,8 +156,6 @@ async def _run_canary_periodically(app: FastAPI) -> None:
 async def _watch_readiness(app: FastAPI) -> None:
     """Every ``readiness_interval_s``, the readiness check of /readyz, for the
     ``vitrine_ready`` gauge (the ServiceNotReady alert), whether or not anything calls it."""
-    from serving.routes import check_readiness
-
     while True:
         await asyncio.sleep(app.state.settings.readiness_interval_s)
         with contextlib.suppress(Exception):  # a check that fails says so next time

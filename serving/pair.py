@@ -121,10 +121,12 @@ class PairHolder:
                 await self._let_go(target)
             raise
 
+    def _live_collections(self) -> set[str]:
+        """The collections the current pair and the draining ones answer from."""
+        return {pair.collection for pair in [self.current, *self._draining] if pair}
+
     def _in_use(self, collection: str) -> bool:
-        """Whether the current pair or a draining one answers from ``collection``."""
-        live = [self.current, *self._draining]
-        return any(pair is not None and pair.collection == collection for pair in live)
+        return collection in self._live_collections()
 
     async def _hold(self, collection: str) -> None:
         """Lease ``collection`` (a server's; see VectorStore.hold). A lease that cannot be
@@ -142,7 +144,7 @@ class PairHolder:
 
     async def renew_leases(self) -> None:
         """Renew the leases on every collection a pair answers from (every LEASE_EVERY_S)."""
-        for collection in {p.collection for p in [self.current, *self._draining] if p}:
+        for collection in self._live_collections():
             await self._hold(collection)
 
     async def _build_pair(self, target: str) -> ServingPair:
@@ -232,7 +234,7 @@ class PairHolder:
         for pair in [self.current, *self._draining]:
             if pair is not None:
                 await pair.batcher.close()
-        for collection in {p.collection for p in [self.current, *self._draining] if p}:
+        for collection in self._live_collections():
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self.store.release_hold, collection, self.lease_holder)
         await asyncio.to_thread(self.store.close)

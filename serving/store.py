@@ -697,12 +697,15 @@ class VectorStore:
         Unlike :meth:`metadata` this reads only the companion collection, so it works on a
         collection that is not loaded.
         """
+        values = self._meta_values(name, f"key == {quote(key)}")
+        return values[0] if values else {}
+
+    def _meta_values(self, name: str, where: str) -> list[dict[str, Any]]:
+        """The documents of ``name``'s metadata companion whose keys match ``where``."""
         meta_name = f"{name}_meta"
         self._call(name, "load_collection", meta_name)
-        rows = self._call(
-            name, "query", meta_name, filter=f"key == {quote(key)}", output_fields=["value"]
-        )
-        return json.loads(rows[0]["value"]) if rows else {}
+        rows = self._call(name, "query", meta_name, filter=where, output_fields=["value"])
+        return [json.loads(row["value"]) for row in rows]
 
     def hold(self, name: str, holder: str) -> None:
         """Server: lease collection ``name`` for ``holder`` (a service replica) now; renew it
@@ -718,22 +721,14 @@ class VectorStore:
 
     def _leased(self, name: str) -> bool | None:
         """Whether a lease on ``name`` is fresh (None: the server cannot be asked)."""
-        meta_name = f"{name}_meta"
         try:
-            self._call(name, "load_collection", meta_name)
-            rows = self._call(
-                name,
-                "query",
-                meta_name,
-                filter=f"key like {quote(LEASE_PREFIX + '%')}",
-                output_fields=["value"],
-            )
+            leases = self._meta_values(name, f"key like {quote(LEASE_PREFIX + '%')}")
         except StoreUnavailable:
             return None
         except StoreError:  # no metadata companion: nothing ever held it
             return False
         now = time.time()
-        return any(now - json.loads(row["value"])["at"] < LEASE_TTL_S for row in rows)
+        return any(now - lease["at"] < LEASE_TTL_S for lease in leases)
 
     def set_card(self, name: str, card: dict[str, Any]) -> None:
         """Record a few facts about a collection (what built it, what it replaced as the

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,19 +117,31 @@ def test_a_killed_child_is_unavailable_once_then_replaced(tmp_path: Path) -> Non
         store.close()
 
 
+@contextlib.contextmanager
+def _hung_child(tmp_path: Path, seed: int) -> Iterator[tuple[VectorStore, np.ndarray, int]]:
+    """A loaded collection whose Lite child is stopped (SIGSTOP: alive, not answering), with a
+    2 s timeout: the store, its vectors and the hung child's pid. Resumed and closed after."""
+    vectors = _clustered(100, seed=seed)
+    store = _build(tmp_path / "milvus", True, vectors)
+    store.load(NAME)
+    store.timeout = 2.0
+    (pid,) = lite_pids(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield store, vectors, pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        store.close()
+
+
 def test_a_hung_child_is_unavailable_once_then_replaced_with_the_collection_loaded(
     tmp_path: Path,
 ) -> None:
     """A child that stops answering (stopped, not dead) is given up after the timeout; the
     next one must load the collection again, or every search after it fails (the collection
     is "released") while a ping says all is well."""
-    vectors = _clustered(100, seed=7)
-    store = _build(tmp_path / "milvus", True, vectors)
-    store.load(NAME)
-    store.timeout = 2.0
-    try:
-        (pid,) = lite_pids(tmp_path)
-        os.kill(pid, signal.SIGSTOP)
+    with _hung_child(tmp_path, seed=7) as (store, vectors, pid):
         with pytest.raises(StoreUnavailable):
             store.search(NAME, vectors[:1], 1, _spec())
         assert _wait_gone(pid)  # killed, not left frozen beside its successor
@@ -137,10 +150,6 @@ def test_a_hung_child_is_unavailable_once_then_replaced_with_the_collection_load
         store.forget(NAME)  # a child that starts without the collection loaded: not ready
         store._call(NAME, "release_collection", NAME)
         assert not store.ping(NAME)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-        store.close()
 
 
 def test_concurrent_searches_on_a_hung_child_fail_once_each_and_start_one_child(
@@ -149,13 +158,7 @@ def test_concurrent_searches_on_a_hung_child_fail_once_each_and_start_one_child(
     """Several searches wait on a hung child together: each fails once at most, and none of
     their failures stops the child that replaced it (they did: a burst of 503s, three
     children for one hang)."""
-    vectors = _clustered(100, seed=8)
-    store = _build(tmp_path / "milvus", True, vectors)
-    store.load(NAME)
-    store.timeout = 2.0
-    try:
-        (pid,) = lite_pids(tmp_path)
-        os.kill(pid, signal.SIGSTOP)
+    with _hung_child(tmp_path, seed=8) as (store, vectors, pid):
         failures = [0] * 4
         seen: set[int] = set()
 
@@ -176,10 +179,6 @@ def test_concurrent_searches_on_a_hung_child_fail_once_each_and_start_one_child(
         seen.discard(pid)  # the hung one, until it is killed
         assert len(seen) == 1, f"children started for one hang: {sorted(seen)}"
         assert store.search(NAME, vectors[:1], 1, _spec())[0][0]["image_id"] == "img00000"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-        store.close()
 
 
 def test_the_child_dies_with_its_parent_and_unlocks_the_file(tmp_path: Path) -> None:
