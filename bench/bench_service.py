@@ -26,7 +26,11 @@ of its own per request, which this bench would have charged to the service): N c
 sending POST /v1/search/image back to back for a fixed time (or a fixed number of requests).
 The service's query-embedding cache is disabled (`cache_size=0`) and every request sends a
 different photo anyway, so every request is decoded and embedded.
-Batch sizes come from the service's /metrics.
+Batch sizes come from the service's /metrics. Where the time goes is also read from Linux's
+per-thread schedstat, steadier than latencies on a noisy machine: CPU ms per request that the
+service's event loop, its other threads (model, decoding, search) and its Milvus Lite process
+ran, and ms they waited runnable for a core (a wake-up's delay included); for the bare path,
+its one thread's.
 
 Bare and service phases alternate, in reverse order every other round (ABBA), so a drift in
 the machine's load weighs on every contender alike, and the per-round numbers show the noise.
@@ -64,6 +68,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +79,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LATENCY_GOAL = 1.10
+# How the service's CPU time is grouped (Service.thread_clocks).
+THREAD_GROUPS = ("event loop", "service threads", "Milvus Lite")
 THROUGHPUT_GOAL = 2.0
 SEARCH_PATH = "/v1/search/image"
 
@@ -206,6 +213,8 @@ class BarePath:
     def serial(self, seconds: float, requests: int | None) -> dict[str, Any]:
         """One query at a time, for ``seconds`` (or ``requests`` queries): latencies."""
         latencies, forward, search = [], 0.0, 0.0
+        me = (os.getpid(), threading.get_native_id())
+        clock = thread_clock(*me)
         started = time.perf_counter()
         while len(latencies) < requests if requests else time.perf_counter() - started < seconds:
             tick = time.perf_counter()
@@ -218,6 +227,9 @@ class BarePath:
             "errors": 0,
             "forward": forward,
             "search": search,
+            "threads": {
+                "this thread": [b - a for a, b in zip(clock, thread_clock(*me), strict=True)]
+            },
         }
 
     def batched(self, batch: int, seconds: float, requests: int | None) -> dict[str, Any]:
@@ -342,6 +354,23 @@ class Service:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
+    def thread_clocks(self) -> dict[str, list[float]]:
+        """Run and wait seconds (see :func:`thread_clock`) of the event loop (the server
+        process's main thread), its other threads (model, decoding, search), and the Milvus
+        Lite process."""
+        pid = self.process.pid
+        clocks = {THREAD_GROUPS[0]: [0.0, 0.0], THREAD_GROUPS[1]: [0.0, 0.0]}
+        clocks[THREAD_GROUPS[2]] = [0.0, 0.0]
+        for tid in _tids(pid):
+            _add(
+                clocks[THREAD_GROUPS[0] if tid == pid else THREAD_GROUPS[1]], thread_clock(pid, tid)
+            )
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in children.read_text().split():
+                for tid in _tids(int(child)):
+                    _add(clocks[THREAD_GROUPS[2]], thread_clock(int(child), tid))
+        return clocks
+
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -414,10 +443,14 @@ async def _load(
 def load(service: Service, prepared: list[bytes], clients: int, seconds: float, requests, counter):
     """One load phase, with the service's metrics and both processes' CPU around it."""
     before, cpu_server = service.metrics(), service.cpu_seconds()
-    cpu_client = _own_cpu()
+    cpu_client, clocks = _own_cpu(), service.thread_clocks()
     result = asyncio.run(_load(service.url, prepared, clients, seconds, requests, counter))
     result["cpu_client"] = _own_cpu() - cpu_client
     result["cpu_server"] = service.cpu_seconds() - cpu_server
+    result["threads"] = {
+        group: [after - start for after, start in zip(run_wait, clocks[group], strict=True)]
+        for group, run_wait in service.thread_clocks().items()
+    }
     result["metrics"] = _diff(service.metrics(), before)
     return result
 
@@ -425,6 +458,29 @@ def load(service: Service, prepared: list[bytes], clients: int, seconds: float, 
 def _own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def thread_clock(pid: int, tid: int) -> tuple[float, float]:
+    """Seconds a thread has run, and has waited runnable for a core (Linux schedstat: the
+    wait counts a wake-up's delay too); zeros for a thread that is gone or a kernel without
+    schedstat."""
+    try:
+        run, wait, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def _tids(pid: int) -> list[int]:
+    try:
+        return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return []
+
+
+def _add(total: list[float], clock: tuple[float, float]) -> None:
+    total[0] += clock[0]
+    total[1] += clock[1]
 
 
 def _diff(after: dict, before: dict) -> dict:
@@ -503,6 +559,11 @@ def summarise(phases: list[dict[str, Any]]) -> dict[str, Any]:
             phase.get("done", len(phase["latencies"])) / phase["elapsed"] for phase in phases
         ],
     }
+    if phases and "threads" in phases[0]:
+        row["threads_ms"] = {  # run and wait milliseconds per request
+            group: [1000 * sum(p["threads"][group][i] for p in phases) / done for i in (0, 1)]
+            for group in phases[0]["threads"]
+        }
     if phases and "forward" in phases[0]:
         row["stages_ms"] = {
             stage: 1000 * sum(phase[stage] for phase in phases) / done
@@ -545,6 +606,16 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return None if isinstance(value, float) and value != value else value
+
+
+def clock_text(row: dict[str, Any]) -> str:
+    """CPU ms per request by thread group, and ms waited runnable (a wake-up's delay
+    included): where the service's time goes, steadier than the latencies."""
+    parts = [
+        f"{group} {run:.2f} ran / {wait:.2f} waited"
+        for group, (run, wait) in row.get("threads_ms", {}).items()
+    ]
+    return "CPU ms per request: " + ", ".join(parts) if parts else ""
 
 
 def fmt(value: float) -> str:
@@ -672,7 +743,7 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
         rates = ", ".join(f"{x:.1f}" for x in row["rps_by_round"])
         print(f"    {name:<22} p50 [{p50s}]  req/s [{rates}]")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in rows["bare"]["stages_ms"].items())
-    print(f"  bare, mean ms per query: {stages}")
+    print(f"  bare, mean ms per query: {stages}; {clock_text(rows['bare'])}")
     print(
         "  service, per client count: forward passes, images per pass (histogram), mean ms per "
         "request of each stage the route times (embed includes the wait for a batch) and of "
@@ -691,6 +762,7 @@ def report(args: argparse.Namespace, clients: list[int], result: dict[str, Any])
             f"{row['cpu_server']:.2f} (with its Milvus Lite process), load generator "
             f"{row['cpu_client']:.2f}; cache hits {row['cache_hits']}"
         )
+        print(f"      {clock_text(row)}")
         if row["first_error"]:
             print(f"      first error: {row['first_error']}")
 

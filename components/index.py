@@ -265,6 +265,7 @@ def build_index(
     name = collection_name(version)
     tick = time.perf_counter()
     try:
+        served_at_start = store.alias_target()
         store.create_collection(name, int(vectors.shape[1]))
         with tqdm(total=len(rows), desc="inserting", unit="row", disable=not progress) as bar:
             for offset, batch in enumerate(rows_in_batches(rows, config.insert_batch)):
@@ -320,12 +321,24 @@ def build_index(
     previous = store.point_alias(name)
     if previous != card["replaced"]:  # another build moved the alias in between
         store.set_card(name, {**card, "replaced": previous})
+    if previous != served_at_start:
+        log.warning(
+            "alias %s moved while this build ran (%s -> %s: another build, or a rollback); "
+            "this build now replaces %s. If that was a rollback, roll back again: "
+            "vitrine index --rollback %s",
+            config.alias,
+            served_at_start,
+            previous,
+            previous,
+            previous,
+        )
     removed = cleanup_collections(store, config.keep_collections, previous)
     store.close()
     seconds["total"] = time.perf_counter() - started
     summary = {
         "collection": name,
         "previous": previous,
+        "alias_moved_during_build": previous != served_at_start,
         "alias": config.alias,
         "uri": config.uri,
         "rows": len(rows),

@@ -70,6 +70,17 @@ def _check_top_k(top_k: int, settings: Any) -> None:
         raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {settings.max_top_k}")
 
 
+def _check_price_range(price_min: float | None, price_max: float | None) -> None:
+    """A range with its minimum above its maximum is a mistake (no product could match), not
+    a search that finds nothing."""
+    if price_min is not None and price_max is not None and price_min > price_max:
+        raise ApiError(
+            422,
+            "invalid_price_range",
+            f"price_min ({price_min:g}) is above price_max ({price_max:g}): swap them",
+        )
+
+
 def _response(pair: ServingPair, results: list, started: float, timings: dict) -> JSONResponse:
     """A search answer, serialised here: the shape is :class:`SearchResponse` (the route's
     ``response_model``, for the OpenAPI schema), but FastAPI's validation of every hit against
@@ -162,6 +173,7 @@ async def search_by_image(
     started = time.perf_counter()
     top_k = settings.default_top_k if top_k is None else top_k
     _check_top_k(top_k, settings)
+    _check_price_range(price_min, price_max)
     data = await _read_upload(image, settings)
     timings: dict[str, float] = {}
     async with holder.use() as pair:
@@ -194,6 +206,7 @@ async def search_by_product(
     started = time.perf_counter()
     top_k = settings.default_top_k if top_k is None else top_k
     _check_top_k(top_k, settings)
+    _check_price_range(price_min, price_max)
     timings: dict[str, float] = {}
     async with holder.use() as pair:
         tick = time.perf_counter()

@@ -211,6 +211,35 @@ def test_rollback_returns_to_what_was_served_before_not_to_what_was_rolled_back_
     assert not list((tmp_path / "milvus").glob(f"{b}*"))  # its card went with it
 
 
+def test_a_build_warns_when_the_alias_moved_while_it_ran(
+    tmp_path: Path,
+    validated: Path,
+    package: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator's rollback during a nightly build is undone by the build's swap: the build
+    says so, and how to roll back again."""
+    import components.index as index
+
+    config = _config(tmp_path)
+    a, b = (_build(validated, package, config)["collection"] for _ in range(2))
+    verify = index.verify_collection
+
+    def rolled_back_meanwhile(store: VectorStore, *args, **kwargs) -> dict:
+        store.point_alias(a)  # what `vitrine index --rollback` does
+        return verify(store, *args, **kwargs)
+
+    monkeypatch.setattr(index, "verify_collection", rolled_back_meanwhile)
+    with caplog.at_level("WARNING", logger="components.index"):
+        c = _build(validated, package, config)
+    assert (c["previous"], c["alias_moved_during_build"]) == (a, True)
+    assert f"moved while this build ran ({b} -> {a}" in caplog.text
+    assert f"vitrine index --rollback {a}" in caplog.text
+    monkeypatch.undo()
+    assert _build(validated, package, config)["alias_moved_during_build"] is False
+
+
 def test_cleanup_keeps_the_newest_and_drops_orphans(
     tmp_path: Path, validated: Path, package: Path
 ) -> None:

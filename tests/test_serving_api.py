@@ -336,6 +336,11 @@ def test_invalid_parameters_are_422(client: TestClient, world: World) -> None:
     missing = client.post("/v1/search/image", data={"top_k": "3"})
     assert "image" in _error(missing, 422, "invalid_request")["message"]
     _error(client.get("/v1/search/product/P00001", params={"top_k": 0}), 422, "invalid_top_k")
+    swapped = _error(_search(client, jpeg, price_min=20, price_max=5), 422, "invalid_price_range")
+    assert "swap" in swapped["message"]
+    by_product = client.get("/v1/search/product/P00001", params={"price_min": 9, "price_max": 1})
+    _error(by_product, 422, "invalid_price_range")
+    _ok(_search(client, jpeg, price_min=5, price_max=5))  # a single price is a fine range
     _assert_good_search(client, world)
 
 
