@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from serving.catalogue_rules import RULES_KEY, CatalogueRules
 from serving.store import (
     COLLECTION_PREFIX,
     DEFAULT_ALIAS,
@@ -296,6 +297,8 @@ def build_index(
             "model_version": version,
             "model_package": str(package_dir),
             "manifest": str(Path(validated_manifest).resolve()),
+            # What the admin API holds its adds and updates to (serving/catalogue_rules.py).
+            RULES_KEY: CatalogueRules.of_validated_manifest(validated_manifest).to_dict(),
             "index": dataclasses.asdict(spec),
             "verification": verification,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -45,11 +45,21 @@ def _open_image(uri: str, decode_side: int | None):
 
 
 def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:
-    """Run the canary once (blocking). Returns live and expected Recall@K, probes run and
-    probes whose photo could not be read."""
+    """Run the canary once (blocking). Returns live and expected Recall@K, probes run,
+    probes whose photo could not be read, and probes left out because the collection no
+    longer holds another photo of their product (removed through the admin API: no model
+    or index could find it, so it says nothing about them)."""
     canary = pair.metadata.get("canary") or {}
-    probes = canary.get("probes", [])
     started = time.perf_counter()
+    present = store.images_of_products(
+        pair.collection, [probe["product_id"] for probe in canary.get("probes", [])]
+    )
+    probes = [
+        probe
+        for probe in canary.get("probes", [])
+        if present.get(probe["product_id"], set()) - {probe["image_id"]}
+    ]
+    removed = len(canary.get("probes", [])) - len(probes)
     found: list[int | None] = []
     unreadable = 0
     for offset in range(0, len(probes), batch_size):
@@ -83,6 +93,7 @@ def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:
         "expected": canary.get("expected", {}),
         "probes": len(found),
         "unreadable": unreadable,
+        "removed": removed,
         "seconds": time.perf_counter() - started,
         "collection": pair.collection,
         "model_version": pair.model_version,

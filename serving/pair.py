@@ -204,7 +204,12 @@ class PairHolder:
         """
         async with self._rollout_lock:
             new = await self.load(collection)
-            old, self.current = self.current, new
+            # Admin changes made while the model loaded went into the collection but not into
+            # what the new pair read of it before: read again, with them held off until the
+            # swap (they take the admin lock), so none falls in between.
+            async with self.admin_lock:
+                await self._reread_catalogue(new)
+                old, self.current = self.current, new
             self.last_error = ""
             if old is not None:
                 self._draining.append(old)
@@ -214,6 +219,14 @@ class PairHolder:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
         return new, old
+
+    async def _reread_catalogue(self, pair: ServingPair) -> None:
+        """The pair's row count and categories as the collection has them now."""
+        rows = await asyncio.to_thread(self.store.count, pair.collection)
+        live = await asyncio.to_thread(self.store.recorded, pair.collection, LIVE_METADATA)
+        pair.metadata = {**pair.metadata, "rows": rows}
+        if "categories" in live:
+            pair.metadata["categories"] = live["categories"]
 
     async def _retire(self, old: ServingPair) -> None:
         if old.in_flight:

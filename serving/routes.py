@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from serving.batching import digest
+from serving.catalogue_rules import CatalogueRules, RuleBroken
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_vector
+from serving.store import META_VALUE_CHARS
 from serving.uploads import (
     UploadLimits,
     check_content_type,
@@ -56,7 +60,8 @@ class ProductUpdate(BaseModel):
 
     category: str | None = Field(default=None, min_length=1, max_length=512)
     title: str | None = Field(default=None, min_length=1, max_length=500)
-    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # Strict: a JSON number (true, "5" are mistakes, not prices).
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
 
 
 class RolloutRequest(BaseModel):
@@ -109,14 +114,19 @@ async def _embed_upload(
     settings: Any,
     metrics: Any,
     timings: dict[str, float],
+    min_side: int | None = None,
 ):
-    """Decode (with limits) and embed an upload; recent identical uploads hit the cache."""
+    """Decode (with limits) and embed an upload; recent identical uploads hit the cache.
+    ``min_side``: a catalogue photo's smallest side (for adds; the upload is then decoded
+    even if cached, so that its size is checked)."""
     limits = UploadLimits(
         max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
     )
+    if min_side is not None:
+        limits = dataclasses.replace(limits, min_side=max(limits.min_side, min_side))
     check_content_type(content_type, limits)  # a cached upload is refused all the same
     key = digest(data)
-    cached = pair.cache.get(key)
+    cached = pair.cache.get(key) if min_side is None else None
     metrics.cache.labels("hit" if cached is not None else "miss").inc()
     if cached is not None:
         return cached, key
@@ -283,9 +293,10 @@ async def info(holder: HolderDep) -> dict:
     "/v1/admin/products",
     tags=["admin"],
     status_code=201,
-    responses=documented_errors(400, 401, 403, 413, 415, 422, 503),
+    responses=documented_errors(400, 401, 403, 409, 413, 415, 422, 503),
 )
 async def add_product(
+    request: Request,
     _: AdminDep,
     holder: HolderDep,
     store: StoreDep,
@@ -297,27 +308,47 @@ async def add_product(
     title: Annotated[str, Form(min_length=1, max_length=500)],
     price: Annotated[float, Form(ge=0, allow_inf_nan=False)],
 ) -> dict:
-    """Add (or replace) one photo of a product in the live collection; searchable at once."""
+    """Add (or replace) one photo of a product in the live collection; searchable at once.
+
+    The fields are held to the catalogue's rules (what the nightly validation accepts); the
+    product's other photos take the fields sent, and the new photo takes their extra
+    catalogue fields. A photo that is already another product's is refused (409), as the
+    validation step refuses a duplicate image."""
+    await _refuse_repeated_parts(request, ("image", "product_id", "category", "title", "price"))
     data = await _read_upload(image, settings)
     timings: dict[str, float] = {}
     async with holder.use() as pair:
+        rules = CatalogueRules.of_metadata(pair.metadata)
+        _apply_rules(rules.check_product_id, product_id)
+        _apply_rules(rules.check_fields, category, title, price)
         vector, key = await _embed_upload(
-            pair, data, image.content_type, settings, metrics, timings
+            pair, data, image.content_type, settings, metrics, timings, rules.min_side
         )
-        folder = Path(settings.upload_dir)
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        path = (folder / f"{key}.img").resolve()
-        await asyncio.to_thread(path.write_bytes, data)
-        row = {
-            "image_id": key,
-            "product_id": product_id,
-            "category": category,
-            "title": title,
-            "price": price,
-            "image_uri": str(path),
-            "embedding": vector,
-        }
         async with holder.admin_lock:  # see PairHolder.admin_lock
+            owner = await asyncio.to_thread(store.row_by_image, pair.collection, key)
+            if owner is not None and owner["product_id"] != product_id:
+                raise ApiError(
+                    409,
+                    "image_of_another_product",
+                    f"this photo is already image {key} of product {owner['product_id']!r}: "
+                    "remove it there first, or send another photo",
+                )
+            _check_live_fits(pair, category)
+            siblings = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
+            folder = Path(settings.upload_dir)
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+            path = (folder / f"{key}.img").resolve()
+            await asyncio.to_thread(path.write_bytes, data)
+            row = {
+                **_extras_of(siblings),
+                "image_id": key,
+                "product_id": product_id,
+                "category": category,
+                "title": title,
+                "price": price,
+                "image_uri": str(path),
+                "embedding": vector,
+            }
             await asyncio.to_thread(store.upsert, pair.collection, [row])
             # The product's other photos take the fields just sent: one product, one price.
             fields = {"category": category, "title": title, "price": price}
@@ -326,6 +357,48 @@ async def add_product(
             )
             await _catalogue_changed(holder, pair, store, metrics, before, gained=category)
         return {"product_id": product_id, "image_id": key, "collection": pair.collection}
+
+
+def _apply_rules(check: Any, *args: Any) -> None:
+    try:
+        check(*args)
+    except RuleBroken as err:
+        raise ApiError(422, err.code, err.message) from err
+
+
+async def _refuse_repeated_parts(request: Request, names: tuple[str, ...]) -> None:
+    """One value per field: a second photo or product id in one request would otherwise be
+    dropped without a word (the form is parsed once; this reads FastAPI's parse)."""
+    form = await request.form()
+    for name in names:
+        if len(form.getlist(name)) > 1:
+            raise ApiError(422, "repeated_field", f"send one {name!r} per request (got several)")
+
+
+def _extras_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The extra catalogue fields (brand...) of a product's photos, for a new photo of it."""
+    own = {"image_id", "product_id", "category", "title", "price", "image_uri", "image_path"}
+    extras: dict[str, Any] = {}
+    for row in rows:  # dynamic fields come flat or under $meta, by Milvus version
+        fields = {**{k: v for k, v in row.items() if k != "$meta"}, **(row.get("$meta") or {})}
+        extras.update({k: v for k, v in fields.items() if k not in own and k != "embedding"})
+    return extras
+
+
+def _check_live_fits(pair: ServingPair, gained: str) -> None:
+    """Refuse, before anything is written, a new category the collection's record of its
+    categories has no room for (one metadata document; see _catalogue_changed)."""
+    categories = set(pair.metadata.get("categories", []))
+    if not gained or gained in categories:
+        return
+    document = {"categories": sorted(categories | {gained}), "changed_at": "x" * 32}
+    if len(json.dumps(document)) > META_VALUE_CHARS:
+        raise ApiError(
+            422,
+            "too_many_categories",
+            f"no room to record another category ({len(categories)} are recorded): use an "
+            "existing category, or add it to the catalogue for the next night's build",
+        )
 
 
 @router.patch(
@@ -347,6 +420,9 @@ async def update_product(
     if not fields:
         raise ApiError(422, "nothing_to_update", "send at least one of category, title, price")
     async with holder.use() as pair, holder.admin_lock:
+        rules = CatalogueRules.of_metadata(pair.metadata)
+        _apply_rules(rules.check_fields, *(fields.get(k) for k in ("category", "title", "price")))
+        _check_live_fits(pair, fields.get("category", ""))
         before, changed = await asyncio.to_thread(
             store.update_product, pair.collection, product_id, fields
         )
@@ -399,8 +475,13 @@ async def _catalogue_changed(
             categories.discard(category)
     live = {"categories": sorted(categories), "changed_at": datetime.now(UTC).isoformat()}
     await asyncio.to_thread(store.set_metadata, pair.collection, live, LIVE_METADATA)
-    pair.metadata = {**pair.metadata, "rows": rows, "categories": live["categories"]}
-    if holder.current is pair:
+    # The request's pair, and the current one if a rollout onto the same collection swapped
+    # it in meanwhile (this change then reached the collection after the new pair read it).
+    current = holder.current
+    for served in {id(p): p for p in (pair, current) if p is not None}.values():
+        if served.collection == pair.collection:
+            served.metadata = {**served.metadata, "rows": rows, "categories": live["categories"]}
+    if current is not None and current.collection == pair.collection:
         metrics.collection_rows.set(rows)
 
 

@@ -857,6 +857,23 @@ class VectorStore:
             output_fields=fields,
         )
 
+    def images_of_products(self, name: str, product_ids: Sequence[str]) -> dict[str, set[str]]:
+        """The image ids of each of these products that has rows (one has none: left out)."""
+        found: dict[str, set[str]] = {}
+        wanted = sorted(set(product_ids))
+        for start in range(0, len(wanted), 100):
+            chunk = ", ".join(quote(product_id) for product_id in wanted[start : start + 100])
+            rows = self._call(
+                name,
+                "query",
+                name,
+                filter=f"product_id in [{chunk}]",
+                output_fields=["image_id", "product_id"],
+            )
+            for row in rows:
+                found.setdefault(row["product_id"], set()).add(row["image_id"])
+        return found
+
     def row_by_image(self, name: str, image_id: str) -> dict[str, Any] | None:
         """One image's row, or None."""
         rows = self._call(

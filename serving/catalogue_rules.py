@@ -1,0 +1,121 @@
+"""The catalogue's rules, applied to products added or changed through the admin API.
+
+The nightly validation step decides what may enter the catalogue (``validate`` in
+``params.yaml``: id and title lengths, the price range, the allowed categories, the smallest
+photo). The index step records those limits with the collection it builds, and the admin API
+holds its adds and updates to the same ones: a product the API accepts is one the next
+night's validation keeps. Collections built before the rules were recorded get
+:class:`~components.catalog.config.ValidationConfig`'s defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from components.catalog.config import ValidationConfig
+
+log = logging.getLogger(__name__)
+# The metadata key the index step records the rules under (in its build record).
+RULES_KEY = "catalogue_rules"
+# Line breaks, tabs and the other control characters: an id holding one cannot be named in
+# a URL path (the routes' paths do not match a newline) nor shown in the page.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RuleBroken(ValueError):
+    """A product field the catalogue would refuse. ``code``: machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CatalogueRules:
+    """What a product must satisfy (the validation step's limits that apply to one product)."""
+
+    max_product_id_length: int = 128
+    max_title_length: int = 500
+    max_price: float = 1_000_000.0
+    categories: tuple[str, ...] = ()  # empty: any non-blank category
+    min_side: int = 64  # shortest side of a photo, in pixels
+
+    @classmethod
+    def of_validation(cls, config: ValidationConfig) -> CatalogueRules:
+        return cls(
+            max_product_id_length=config.max_product_id_length,
+            max_title_length=config.max_title_length,
+            max_price=config.max_price,
+            categories=tuple(config.categories),
+            min_side=config.images.min_side,
+        )
+
+    @classmethod
+    def of_validated_manifest(cls, validated_manifest: str | Path) -> CatalogueRules:
+        """The rules the manifest was validated with (its ``summary.json``); the defaults if
+        the summary is missing or unreadable (a manifest validated elsewhere)."""
+        summary = Path(validated_manifest).with_name("summary.json")
+        try:
+            config = json.loads(summary.read_text(encoding="utf-8"))["config"]
+            return cls.of_validation(ValidationConfig.from_dict(config))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            log.info("catalogue rules: the defaults (%s: %s)", summary, err)
+            return cls.of_validation(ValidationConfig())
+
+    @classmethod
+    def of_metadata(cls, metadata: dict[str, Any]) -> CatalogueRules:
+        """The rules a collection's build record holds, or the defaults."""
+        raw = metadata.get(RULES_KEY)
+        if not isinstance(raw, dict):
+            return cls.of_validation(ValidationConfig())
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        known["categories"] = tuple(known.get("categories") or ())
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "categories": list(self.categories)}
+
+    def check_product_id(self, product_id: str) -> None:
+        if not product_id.strip():
+            raise RuleBroken("invalid_product_id", "product_id is blank")
+        if _CONTROL.search(product_id):
+            raise RuleBroken(
+                "invalid_product_id",
+                "product_id holds a control character (a line break, a tab...): remove it",
+            )
+        if len(product_id) > self.max_product_id_length:
+            raise RuleBroken(
+                "invalid_product_id",
+                f"product_id is longer than {self.max_product_id_length} characters",
+            )
+
+    def check_fields(
+        self, category: str | None = None, title: str | None = None, price: float | None = None
+    ) -> None:
+        """Check the fields given (None: not being set)."""
+        if category is not None:
+            if not category.strip():
+                raise RuleBroken("invalid_category", "category is blank")
+            if self.categories and category not in self.categories:
+                raise RuleBroken(
+                    "unknown_category",
+                    f"category {category!r} is not one of the catalogue's: "
+                    + ", ".join(self.categories),
+                )
+        if title is not None:
+            if not title.strip():
+                raise RuleBroken("invalid_title", "title is blank")
+            if len(title) > self.max_title_length:
+                raise RuleBroken(
+                    "invalid_title", f"title is longer than {self.max_title_length} characters"
+                )
+        if price is not None and not 0 <= price <= self.max_price:
+            raise RuleBroken(
+                "price_out_of_range", f"price must be between 0 and {self.max_price:g}"
+            )
