@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -269,11 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the search service (API + merchandiser page) on the served collection",
-        description="Start the FastAPI search service: the page at /, the API under /v1, "
-        "/healthz, /readyz, /metrics and the OpenAPI schema at /docs. It serves the collection "
-        "the alias points at with the model that built it. Settings come from VITRINE_* "
-        "environment variables (e.g. VITRINE_MILVUS_URI, VITRINE_ADMIN_TOKEN, "
-        "VITRINE_MAX_BATCH); the options below override them.",
+        description=textwrap.fill(
+            "Start the FastAPI search service: the page at /, the API under /v1, /healthz, "
+            "/readyz, /metrics and the OpenAPI schema at /docs. It serves the collection the "
+            "alias points at with the model that built it. Settings come from the VITRINE_* "
+            "environment variables listed below (or a .env file); the options override them. "
+            "Admin endpoints (rollout, product changes) are on only when VITRINE_ADMIN_TOKEN "
+            "is set.",
+            80,
+        ),
+        epilog=_serve_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -665,7 +672,8 @@ def run_index(args: argparse.Namespace) -> int:
             f"verified: ANN recall@{check['k']} {check['recall_at_k']:.3f} against exact search "
             f"on {check['queries']} queries (floor {check['floor']})"
         )
-        print(f"alias {summary['alias']} -> {summary['collection']} (was {summary['previous']})")
+        was = summary["previous"] or "nothing: the first build"
+        print(f"alias {summary['alias']} -> {summary['collection']} (was {was})")
         if summary["removed"]:
             print(f"removed old collections: {', '.join(summary['removed'])}")
     _write_json(args.json, summary)
@@ -694,6 +702,20 @@ def print_collections(listed: list[dict], config) -> None:
             f"{entry['rows']} rows" if entry["rows"] is not None else "",
         ]
         print(f"  {mark:<11} {entry['collection']}  {'  '.join(f for f in facts if f)}")
+    print(
+        f"served: where alias {config.alias} points, what services load (a running service "
+        "moves to it with `vitrine rollout`); rows: as built (admin changes since are not "
+        "counted)"
+    )
+
+
+def _serve_settings_help() -> str:
+    """``vitrine serve --help``'s list of settings, wrapped to the terminal."""
+    from serving.settings import settings_help
+
+    first, *rest = settings_help().splitlines()
+    wrapped = [textwrap.fill(line, 88, subsequent_indent="      ") for line in rest]
+    return "\n".join([first, *wrapped])
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -127,8 +127,9 @@ def run_demo(args: Any, print_step) -> dict[str, Any]:
 
     params = args.params if args.params and Path(args.params).is_file() else None
     service_url = f"http://{args.host}:{args.port}"
-    token = os.environ.get("VITRINE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    os.environ["VITRINE_ADMIN_TOKEN"] = token  # the rollout step reads it
+    given = os.environ.get("VITRINE_ADMIN_TOKEN")
+    token = given or secrets.token_urlsafe(24)
+    os.environ["VITRINE_ADMIN_TOKEN"] = token  # the service and the rollout step read it
     out = Path(args.out)
     env = os.environ | {"VITRINE_UPLOAD_DIR": str(out / "uploads")}
     plan = load_plan(params, demo_overrides(args, service_url))
@@ -147,9 +148,14 @@ def run_demo(args: Any, print_step) -> dict[str, Any]:
         print(f"every step's result: {out / 'metrics.json'}")
         if finish["outcome"] == "rejected":
             print("the gate refused the model: " + "; ".join(finish["reasons"]))
-        print(f"search page: {service_url}/  (API docs: {service_url}/docs)", flush=True)
         if args.no_serve:
+            print(f"the service is stopped (--no-serve); `vitrine serve --uri {args.milvus_uri}` "
+                  "serves the collection again", flush=True)  # fmt: skip
             return results
+        print(f"search page: {service_url}/  (API docs: {service_url}/docs)", flush=True)
+        if not given:  # made up here: the admin calls of the README need it
+            print(f"admin token (for `vitrine rollout`, /v1/admin/...): export "
+                  f"VITRINE_ADMIN_TOKEN={token}", flush=True)  # fmt: skip
         print("serving until Ctrl-C", flush=True)
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:

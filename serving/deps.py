@@ -39,17 +39,21 @@ async def _admin(
     authorization: Annotated[str | None, Header()] = None,
     x_admin_token: Annotated[str | None, Header()] = None,
 ) -> None:
-    """401 without a token, 403 with a wrong one (or when admin is disabled)."""
+    """403 when this service has admin disabled (no token would do), else 401 without a
+    token and 403 with a wrong one."""
     expected = request.app.state.settings.admin_token
+    if not expected:
+        raise ApiError(
+            403,
+            "admin_disabled",
+            "this service was started without an admin token, so its admin endpoints are "
+            "off: start it with VITRINE_ADMIN_TOKEN set, and send the same token",
+        )
     given = x_admin_token
     if authorization and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
     if not given:
         raise ApiError(401, "unauthorized", "admin endpoints need a token (Authorization: Bearer)")
-    if not expected:
-        raise ApiError(
-            403, "admin_disabled", "admin endpoints are disabled: set VITRINE_ADMIN_TOKEN"
-        )
     if not secrets.compare_digest(given.encode(), expected.encode()):
         raise ApiError(403, "forbidden", "wrong admin token")
 

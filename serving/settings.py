@@ -20,17 +20,20 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VITRINE_", env_file=".env", extra="ignore")
 
-    milvus_uri: str = "artifacts/milvus"
-    milvus_token: str = ""
+    milvus_uri: str = Field(
+        default="artifacts/milvus",
+        description="a folder (embedded Milvus Lite) or http://host:19530 (a Milvus server)",
+    )
+    milvus_token: str = Field(default="", description="a Milvus server's token (user:password)")
     lite_process: bool = Field(
         default=True,
         description="Milvus Lite: serve each database from a child process, so its searches run "
         "beside the service's Python rather than inside it (about 1.5x the throughput under "
         "concurrent load on 2 cores); false: on threads of the service",
     )
-    alias: str = "vitrine_products"
+    alias: str = Field(default="vitrine_products", description="the alias served")
     admin_token: str = Field(default="", description="token for /v1/admin; empty disables admin")
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="torch device: cpu, cuda, cuda:1...")
     threads: int | None = Field(
         default=None,
         ge=1,
@@ -58,10 +61,12 @@ class Settings(BaseSettings):
         "the previous forward ran (no added latency for a lone request)",
     )
     cache_size: int = Field(default=1024, ge=0, description="recent query embeddings kept")
-    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    max_upload_pixels: int = Field(default=40_000_000, ge=1)
-    default_top_k: int = Field(default=12, ge=1)
-    max_top_k: int = Field(default=100, ge=1)
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="largest photo")
+    max_upload_pixels: int = Field(
+        default=40_000_000, ge=1, description="most pixels (checked before decoding)"
+    )
+    default_top_k: int = Field(default=12, ge=1, description="products per answer by default")
+    max_top_k: int = Field(default=100, ge=1, description="most products one request may ask")
     upload_dir: str = Field(
         default="artifacts/uploads", description="where photos added through the admin API go"
     )
@@ -77,6 +82,16 @@ class Settings(BaseSettings):
     readiness_interval_s: float = Field(
         default=5.0, gt=0, description="check readiness this often for the vitrine_ready gauge"
     )
+
+
+def settings_help() -> str:
+    """Every setting as an environment variable, with its default and what it does (for
+    ``vitrine serve --help``)."""
+    lines = ["environment settings (default):"]
+    for name, field in Settings.model_fields.items():
+        default = "none" if field.default is None else repr(field.default)
+        lines.append(f"  VITRINE_{name.upper()} ({default}): {field.description or ''}")
+    return "\n".join(lines)
 
 
 def torch_threads(settings: Settings) -> int | None:

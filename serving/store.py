@@ -118,6 +118,23 @@ class IndexConfig:
     build_timeout_s: int = 3600
     build_stall_s: int = 120
 
+    def __post_init__(self) -> None:
+        kind = self.index_type.upper()
+        if kind != "AUTO" and kind not in MILVUS_INDEX_TYPES:
+            raise ValueError(
+                f"unknown index type {self.index_type!r}: auto, or one of "
+                + ", ".join(sorted(MILVUS_INDEX_TYPES))
+            )
+
+
+# Milvus's index types for float vectors (2.3 to 2.6): a name outside them is a typo, which
+# would otherwise end as a fallback index with the typo in its recorded reason.
+MILVUS_INDEX_TYPES = frozenset(
+    {"FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "IVF_RABITQ", "HNSW", "HNSW_SQ", "HNSW_PQ",
+     "HNSW_PRQ", "SCANN", "DISKANN", "AUTOINDEX", "GPU_CAGRA", "GPU_IVF_FLAT", "GPU_IVF_PQ",
+     "GPU_BRUTE_FORCE"}
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class IndexSpec:

@@ -26,6 +26,17 @@ def test_help_explains_every_command(command, capsys):
         assert "--dataset" in text and "--root" in text and "--json" in text
 
 
+def test_serve_help_lists_every_setting_with_its_default(capsys):
+    from serving.settings import Settings
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"VITRINE_{name.upper()} (" in text, name
+    assert "VITRINE_DEFAULT_TOP_K (12): products per answer" in text
+
+
 def test_every_subcommand_is_documented():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")

@@ -450,6 +450,8 @@ def test_admin_needs_the_token(client: TestClient, strict_client: TestClient, wo
     _error(client.post("/v1/admin/rollout", headers={"X-Admin-Token": "x"}), 403, "forbidden")
     _error(_add(strict_client, photo, ADMIN), 403, "admin_disabled")
     _error(strict_client.post("/v1/admin/rollout", json={}, headers=ADMIN), 403, "admin_disabled")
+    off = _error(strict_client.delete("/v1/admin/products/P00001"), 403, "admin_disabled")
+    assert "VITRINE_ADMIN_TOKEN" in off["message"]  # no token would do: say how to turn it on
     assert _ok(client.get("/v1/products/P00001"))["images"]  # nothing was removed
 
 

@@ -510,3 +510,9 @@ def test_candidate_lists_grow_to_the_results_asked_for() -> None:
     assert widened({"ef": 96}, 800) == {"ef": 800}
     assert widened({"search_list": 100}, 400) == {"search_list": 400}
     assert widened({"nprobe": 16}, 400) == {"nprobe": 16}
+
+
+def test_an_unknown_index_type_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown index type 'HSNW': auto, or one of .*HNSW"):
+        IndexConfig(index_type="HSNW")
+    assert IndexConfig(index_type="hnsw").index_type == "hnsw"  # any case
