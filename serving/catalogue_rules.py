@@ -1,11 +1,11 @@
 """The catalogue's rules, applied to products added or changed through the admin API.
 
 The nightly validation step decides what may enter the catalogue (``validate`` in
-``params.yaml``: id and title lengths, the price range, the allowed categories, the smallest
-photo). The index step records those limits with the collection it builds, and the admin API
-holds its adds and updates to the same ones: a product the API accepts is one the next
-night's validation keeps. Collections built before the rules were recorded get
-:class:`~components.catalog.config.ValidationConfig`'s defaults.
+``params.yaml``: id and title lengths, the price range, the allowed categories, a photo's
+smallest side, formats, pixels and bytes). The index step records those limits with the
+collection it builds, and the admin API holds its adds and updates to the same ones: a
+product the API accepts is one the next night's validation keeps. Collections built before
+the rules were recorded get :class:`~components.catalog.config.ValidationConfig`'s defaults.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.catalog.config import ValidationConfig
+from serving.uploads import UploadLimits
 
 log = logging.getLogger(__name__)
 # The metadata key the index step records the rules under (in its build record).
@@ -25,6 +26,12 @@ RULES_KEY = "catalogue_rules"
 # Line breaks, tabs and the other control characters: an id holding one cannot be named in
 # a URL path (the routes' paths do not match a newline) nor shown in the page.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def stripped(value: str) -> str:
+    """A text field as the validation step reads a manifest cell: without surrounding
+    whitespace (so ``"mugs "`` is the category ``mugs``)."""
+    return value.strip()
 
 
 class RuleBroken(ValueError):
@@ -45,6 +52,9 @@ class CatalogueRules:
     max_price: float = 1_000_000.0
     categories: tuple[str, ...] = ()  # empty: any non-blank category
     min_side: int = 64  # shortest side of a photo, in pixels
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # Pillow format names
+    max_pixels: int = 40_000_000
+    max_file_bytes: int = 20 * 1024 * 1024
 
     @classmethod
     def of_validation(cls, config: ValidationConfig) -> CatalogueRules:
@@ -54,6 +64,9 @@ class CatalogueRules:
             max_price=config.max_price,
             categories=tuple(config.categories),
             min_side=config.images.min_side,
+            formats=tuple(config.images.formats),
+            max_pixels=config.images.max_pixels,
+            max_file_bytes=config.images.max_file_bytes,
         )
 
     @classmethod
@@ -75,13 +88,25 @@ class CatalogueRules:
         if not isinstance(raw, dict):
             return cls.of_validation(ValidationConfig())
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        known["categories"] = tuple(known.get("categories") or ())
+        for key in ("categories", "formats"):
+            if key in known:
+                known[key] = tuple(known[key] or ())
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "categories": list(self.categories)}
+        return {**asdict(self), "categories": list(self.categories), "formats": list(self.formats)}
+
+    def upload_limits(self, service: UploadLimits) -> UploadLimits:
+        """The service's limits on an upload, narrowed to what a catalogue photo may be."""
+        return UploadLimits(
+            max_bytes=min(service.max_bytes, self.max_file_bytes),
+            max_pixels=min(service.max_pixels, self.max_pixels),
+            formats=tuple(f for f in service.formats if f in self.formats),
+            min_side=max(service.min_side, self.min_side),
+        )
 
     def check_product_id(self, product_id: str) -> None:
+        """Check an id as validation reads it (stripped: see :func:`stripped`)."""
         if not product_id.strip():
             raise RuleBroken("invalid_product_id", "product_id is blank")
         if _CONTROL.search(product_id):

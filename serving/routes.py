@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from serving.batching import digest
-from serving.catalogue_rules import CatalogueRules, RuleBroken
+from serving.catalogue_rules import CatalogueRules, RuleBroken, stripped
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
@@ -58,8 +57,9 @@ class SearchResponse(BaseModel):
 class ProductUpdate(BaseModel):
     """Catalogue fields to set on every photo of a product; those left out stay as they are."""
 
+    # The collection's own limits; the catalogue's rules may be narrower.
     category: str | None = Field(default=None, min_length=1, max_length=512)
-    title: str | None = Field(default=None, min_length=1, max_length=500)
+    title: str | None = Field(default=None, min_length=1, max_length=4096)
     # Strict: a JSON number (true, "5" are mistakes, not prices).
     price: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
 
@@ -114,19 +114,19 @@ async def _embed_upload(
     settings: Any,
     metrics: Any,
     timings: dict[str, float],
-    min_side: int | None = None,
+    rules: CatalogueRules | None = None,
 ):
     """Decode (with limits) and embed an upload; recent identical uploads hit the cache.
-    ``min_side``: a catalogue photo's smallest side (for adds; the upload is then decoded
-    even if cached, so that its size is checked)."""
+    ``rules``: an add's catalogue rules, which narrow the limits to a catalogue photo's (the
+    upload is then decoded even if cached, so that they are checked)."""
     limits = UploadLimits(
         max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
     )
-    if min_side is not None:
-        limits = dataclasses.replace(limits, min_side=max(limits.min_side, min_side))
+    if rules is not None:
+        limits = rules.upload_limits(limits)
     check_content_type(content_type, limits)  # a cached upload is refused all the same
     key = digest(data)
-    cached = pair.cache.get(key) if min_side is None else None
+    cached = pair.cache.get(key) if rules is None else None
     metrics.cache.labels("hit" if cached is not None else "miss").inc()
     if cached is not None:
         return cached, key
@@ -169,6 +169,7 @@ async def _read_upload(image: UploadFile, settings: Any) -> bytes:
     tags=["search"],
 )
 async def search_by_image(
+    request: Request,
     holder: HolderDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -181,6 +182,7 @@ async def search_by_image(
 ) -> JSONResponse:
     """Products that look like the uploaded photo."""
     started = time.perf_counter()
+    await _refuse_repeated_parts(request, ("image",))
     top_k = settings.default_top_k if top_k is None else top_k
     _check_top_k(top_k, settings)
     _check_price_range(price_min, price_max)
@@ -303,9 +305,11 @@ async def add_product(
     settings: SettingsDep,
     metrics: MetricsDep,
     image: Annotated[UploadFile, File()],
-    product_id: Annotated[str, Form(min_length=1, max_length=128)],
+    # The collection's own limits (its schema); the catalogue's rules, checked below, may be
+    # narrower.
+    product_id: Annotated[str, Form(min_length=1, max_length=512)],
     category: Annotated[str, Form(min_length=1, max_length=512)],
-    title: Annotated[str, Form(min_length=1, max_length=500)],
+    title: Annotated[str, Form(min_length=1, max_length=4096)],
     price: Annotated[float, Form(ge=0, allow_inf_nan=False)],
 ) -> dict:
     """Add (or replace) one photo of a product in the live collection; searchable at once.
@@ -317,12 +321,13 @@ async def add_product(
     await _refuse_repeated_parts(request, ("image", "product_id", "category", "title", "price"))
     data = await _read_upload(image, settings)
     timings: dict[str, float] = {}
+    product_id, category, title = stripped(product_id), stripped(category), stripped(title)
     async with holder.use() as pair:
         rules = CatalogueRules.of_metadata(pair.metadata)
         _apply_rules(rules.check_product_id, product_id)
         _apply_rules(rules.check_fields, category, title, price)
         vector, key = await _embed_upload(
-            pair, data, image.content_type, settings, metrics, timings, rules.min_side
+            pair, data, image.content_type, settings, metrics, timings, rules
         )
         async with holder.admin_lock:  # see PairHolder.admin_lock
             owner = await asyncio.to_thread(store.row_by_image, pair.collection, key)
@@ -416,7 +421,10 @@ async def update_product(
 ) -> dict:
     """Change a product's catalogue fields (category, title, price) on all its photos in the
     live collection, without re-embedding: the next search filters and shows the new ones."""
-    fields = update.model_dump(exclude_none=True)
+    fields = {
+        name: stripped(value) if isinstance(value, str) else value
+        for name, value in update.model_dump(exclude_none=True).items()
+    }
     if not fields:
         raise ApiError(422, "nothing_to_update", "send at least one of category, title, price")
     async with holder.use() as pair, holder.admin_lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import shutil
 import threading
@@ -20,6 +21,7 @@ from PIL import Image
 from components.index import IndexBuildConfig, build_index
 from serving.app import create_app
 from serving.catalogue_rules import CatalogueRules, RuleBroken
+from serving.uploads import UploadLimits
 from tests.live_server import serve_in_thread
 from tests.test_serving_api import (  # noqa: F401  (module fixtures)
     ADMIN,
@@ -89,6 +91,56 @@ def test_adds_and_updates_hold_to_the_catalogues_rules(client: TestClient, world
     )
 
 
+def test_the_recorded_rules_decide_photo_formats_pixels_and_lengths(
+    client: TestClient,  # noqa: F811
+) -> None:
+    """A catalogue validated to JPEG only, at most 10,000 pixels, with titles up to 1,000
+    characters: the API refuses a PNG and a larger photo, and takes a 600-character title
+    (longer than the defaults allow); spaces around fields go, as validation strips them."""
+    pair = client.app.state.holder.current
+    recorded = pair.metadata
+    rules = CatalogueRules(formats=("JPEG",), max_pixels=10_000, max_title_length=1000, min_side=32)
+    pair.metadata = {**recorded, "catalogue_rules": rules.to_dict()}
+    try:
+        photo = Image.open(io.BytesIO(_new_product_photo(seed=61)))  # 96 x 96 px
+        png = io.BytesIO()
+        photo.save(png, "PNG")
+        refused = _add(client, png.getvalue(), ADMIN)
+        assert refused.status_code == 415, refused.text
+        large = io.BytesIO()
+        photo.resize((128, 96)).save(large, "JPEG")
+        _error(_add(client, large.getvalue(), ADMIN), 413, "too_many_pixels")
+
+        form = {"product_id": " NEW0006 ", "category": f" {NEW_CATEGORY} ", "title": "t" * 600}
+        files = {"image": ("new.jpg", _new_product_photo(seed=61), "image/jpeg")}
+        added = client.post(
+            "/v1/admin/products", files=files, data={**form, "price": "2"}, headers=ADMIN
+        )
+        assert added.status_code == 201, added.text
+        product = _ok(client.get("/v1/products/NEW0006"))
+        assert (product["category"], len(product["title"])) == (NEW_CATEGORY, 600)
+        assert NEW_CATEGORY + " " not in _ok(client.get("/v1/info"))["categories"]
+    finally:
+        pair.metadata = {**pair.metadata, "catalogue_rules": recorded.get("catalogue_rules")}
+        client.delete("/v1/admin/products/NEW0006", headers=ADMIN)
+
+
+def test_an_admin_change_landing_after_a_swap_onto_the_same_collection_updates_the_new_pair(
+    client: TestClient,  # noqa: F811
+) -> None:
+    """A request that took the old pair and then waited for the admin lock while a rollout
+    swapped in a new pair of the same collection: the new pair's counts must follow it."""
+    from serving.routes import _catalogue_changed
+
+    holder, store = client.app.state.holder, client.app.state.store
+    current = holder.current
+    old = dataclasses.replace(current)  # the pair the request took
+    rows = current.metadata["rows"]
+    current.metadata = {**current.metadata, "rows": rows - 1}  # as read before the change
+    client.portal.call(_catalogue_changed, holder, old, store, client.app.state.metrics, [])
+    assert current.metadata["rows"] == rows == _ok(client.get("/v1/info"))["rows"]
+
+
 def test_catalogue_rules_from_a_validation_summary_or_the_defaults(tmp_path: Path) -> None:
     rules = CatalogueRules(categories=("mugs", "toys"), max_price=50.0)
     assert CatalogueRules.of_metadata({"catalogue_rules": rules.to_dict()}) == rules
@@ -98,6 +150,8 @@ def test_catalogue_rules_from_a_validation_summary_or_the_defaults(tmp_path: Pat
         rules.check_fields(category="lamps")
     rules.check_fields(category="mugs", title="A mug", price=50.0)
     rules.check_product_id("SKU/12 a\u00e9")
+    narrowed = CatalogueRules(formats=("JPEG",), max_pixels=100).upload_limits(UploadLimits())
+    assert (narrowed.formats, narrowed.max_pixels, narrowed.min_side) == (("JPEG",), 100, 64)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +245,9 @@ def test_a_category_the_collections_record_has_no_room_for_is_refused_before_wri
         _check_live_fits(full, "new")
     assert (refused.value.status, refused.value.code) == (422, "too_many_categories")
     _check_live_fits(SimpleNamespace(metadata={"categories": ["mugs"]}), "new")
+
+
+def test_a_search_with_two_photos_is_refused(client: TestClient, world: World) -> None:  # noqa: F811
+    photos = [("image", (f"{n}.jpg", world.photo("P00001", n), "image/jpeg")) for n in (0, 1)]
+    answer = client.post("/v1/search/image", files=photos)
+    assert "'image'" in _error(answer, 422, "repeated_field")["message"]
