@@ -119,6 +119,10 @@ class IndexConfig:
     build_stall_s: int = 120
 
     def __post_init__(self) -> None:
+        if not isinstance(self.index_type, str):
+            raise ValueError(
+                f"index_type must be auto or a Milvus index type, not {self.index_type!r}"
+            )
         kind = self.index_type.upper()
         if kind != "AUTO" and kind not in MILVUS_INDEX_TYPES:
             raise ValueError(

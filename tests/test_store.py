@@ -516,3 +516,7 @@ def test_an_unknown_index_type_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown index type 'HSNW': auto, or one of .*HNSW"):
         IndexConfig(index_type="HSNW")
     assert IndexConfig(index_type="hnsw").index_type == "hnsw"  # any case
+    with pytest.raises(
+        ValueError, match="index_type must be auto or a Milvus index type, not None"
+    ):
+        IndexConfig(index_type=None)  # `index_type:` left empty in params.yaml
