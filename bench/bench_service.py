@@ -359,8 +359,7 @@ class Service:
         process's main thread), its other threads (model, decoding, search), and the Milvus
         Lite process."""
         pid = self.process.pid
-        clocks = {THREAD_GROUPS[0]: [0.0, 0.0], THREAD_GROUPS[1]: [0.0, 0.0]}
-        clocks[THREAD_GROUPS[2]] = [0.0, 0.0]
+        clocks = {group: [0.0, 0.0] for group in THREAD_GROUPS}
         for tid in _tids(pid):
             _add(
                 clocks[THREAD_GROUPS[0] if tid == pid else THREAD_GROUPS[1]], thread_clock(pid, tid)

@@ -26,6 +26,7 @@ RULES_KEY = "catalogue_rules"
 # Line breaks, tabs and the other control characters: an id holding one cannot be named in
 # a URL path (the routes' paths do not match a newline) nor shown in the page.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DEFAULTS = ValidationConfig()
 
 
 def stripped(value: str) -> str:
@@ -47,14 +48,15 @@ class RuleBroken(ValueError):
 class CatalogueRules:
     """What a product must satisfy (the validation step's limits that apply to one product)."""
 
-    max_product_id_length: int = 128
-    max_title_length: int = 500
-    max_price: float = 1_000_000.0
-    categories: tuple[str, ...] = ()  # empty: any non-blank category
-    min_side: int = 64  # shortest side of a photo, in pixels
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # Pillow format names
-    max_pixels: int = 40_000_000
-    max_file_bytes: int = 20 * 1024 * 1024
+    # Defaults: validation's (see ValidationConfig and ImageLimits for what each means).
+    max_product_id_length: int = _DEFAULTS.max_product_id_length
+    max_title_length: int = _DEFAULTS.max_title_length
+    max_price: float = _DEFAULTS.max_price
+    categories: tuple[str, ...] = _DEFAULTS.categories  # empty: any non-blank category
+    min_side: int = _DEFAULTS.images.min_side
+    formats: tuple[str, ...] = _DEFAULTS.images.formats
+    max_pixels: int = _DEFAULTS.images.max_pixels
+    max_file_bytes: int = _DEFAULTS.images.max_file_bytes
 
     @classmethod
     def of_validation(cls, config: ValidationConfig) -> CatalogueRules:
@@ -79,14 +81,14 @@ class CatalogueRules:
             return cls.of_validation(ValidationConfig.from_dict(config))
         except (OSError, KeyError, TypeError, ValueError) as err:
             log.info("catalogue rules: the defaults (%s: %s)", summary, err)
-            return cls.of_validation(ValidationConfig())
+            return cls()
 
     @classmethod
     def of_metadata(cls, metadata: dict[str, Any]) -> CatalogueRules:
         """The rules a collection's build record holds, or the defaults."""
         raw = metadata.get(RULES_KEY)
         if not isinstance(raw, dict):
-            return cls.of_validation(ValidationConfig())
+            return cls()
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         for key in ("categories", "formats"):
             if key in known:

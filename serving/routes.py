@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_vector
-from serving.store import META_VALUE_CHARS
+from serving.store import META_VALUE_CHARS, OUTPUT_FIELDS, metadata_value
 from serving.uploads import (
     UploadLimits,
     check_content_type,
@@ -339,27 +338,25 @@ async def add_product(
                     "remove it there first, or send another photo",
                 )
             _check_live_fits(pair, category)
-            siblings = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
             folder = Path(settings.upload_dir)
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
             path = (folder / f"{key}.img").resolve()
             await asyncio.to_thread(path.write_bytes, data)
-            row = {
-                **_extras_of(siblings),
-                "image_id": key,
-                "product_id": product_id,
-                "category": category,
-                "title": title,
-                "price": price,
-                "image_uri": str(path),
-                "embedding": vector,
-            }
-            await asyncio.to_thread(store.upsert, pair.collection, [row])
-            # The product's other photos take the fields just sent: one product, one price.
+            # The product's other photos take the fields just sent (one product, one price),
+            # and the new photo their extra fields.
             fields = {"category": category, "title": title, "price": price}
             before, _changed = await asyncio.to_thread(
                 store.update_product, pair.collection, product_id, fields
             )
+            row = {
+                **_extras_of(before),
+                "image_id": key,
+                "product_id": product_id,
+                **fields,
+                "image_uri": str(path),
+                "embedding": vector,
+            }
+            await asyncio.to_thread(store.upsert, pair.collection, [row])
             await _catalogue_changed(holder, pair, store, metrics, before, gained=category)
         return {"product_id": product_id, "image_id": key, "collection": pair.collection}
 
@@ -382,12 +379,17 @@ async def _refuse_repeated_parts(request: Request, names: tuple[str, ...]) -> No
 
 def _extras_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The extra catalogue fields (brand...) of a product's photos, for a new photo of it."""
-    own = {"image_id", "product_id", "category", "title", "price", "image_uri", "image_path"}
+    own = {"image_id", "embedding", "image_path", *OUTPUT_FIELDS}
     extras: dict[str, Any] = {}
     for row in rows:  # dynamic fields come flat or under $meta, by Milvus version
-        fields = {**{k: v for k, v in row.items() if k != "$meta"}, **(row.get("$meta") or {})}
-        extras.update({k: v for k, v in fields.items() if k not in own and k != "embedding"})
+        fields = {**row, **(row.get("$meta") or {})}
+        extras.update({k: v for k, v in fields.items() if k not in own})
     return extras
+
+
+def _live_record(categories: set[str]) -> dict[str, Any]:
+    """What the service records of a collection's catalogue after admin changes."""
+    return {"categories": sorted(categories), "changed_at": datetime.now(UTC).isoformat()}
 
 
 def _check_live_fits(pair: ServingPair, gained: str) -> None:
@@ -396,8 +398,7 @@ def _check_live_fits(pair: ServingPair, gained: str) -> None:
     categories = set(pair.metadata.get("categories", []))
     if not gained or gained in categories:
         return
-    document = {"categories": sorted(categories | {gained}), "changed_at": "x" * 32}
-    if len(json.dumps(document)) > META_VALUE_CHARS:
+    if len(metadata_value(_live_record(categories | {gained}))) > META_VALUE_CHARS:
         raise ApiError(
             422,
             "too_many_categories",
@@ -481,7 +482,7 @@ async def _catalogue_changed(
         expr = milvus_filter(category)
         if not await asyncio.to_thread(store.has_rows, pair.collection, expr):
             categories.discard(category)
-    live = {"categories": sorted(categories), "changed_at": datetime.now(UTC).isoformat()}
+    live = _live_record(categories)
     await asyncio.to_thread(store.set_metadata, pair.collection, live, LIVE_METADATA)
     # The request's pair, and the current one if a rollout onto the same collection swapped
     # it in meanwhile (this change then reached the collection after the new pair read it).

@@ -705,7 +705,7 @@ class VectorStore:
         """Record a JSON document about the collection in its companion collection. ``build``
         (what built it) is written last by a build and marks it complete; other keys hold
         the service's yardsticks (``canary``, ``drift``), at most 65,535 characters each."""
-        value = json.dumps(metadata, default=str)
+        value = metadata_value(metadata)
         if len(value) > META_VALUE_CHARS:
             raise StoreError(f"metadata {key!r} of {name} is {len(value)} characters, over 65535")
         row = {"key": key, "value": value, "vector": [0.0, 0.0]}
@@ -958,6 +958,12 @@ class VectorStore:
                 return
             time.sleep(0.1)
         raise StoreError(f"rows matching {where} were deleted from {name} but still read back")
+
+
+def metadata_value(document: dict[str, Any]) -> str:
+    """A metadata document as :meth:`VectorStore.set_metadata` stores it (at most
+    :data:`META_VALUE_CHARS` characters)."""
+    return json.dumps(document, default=str)
 
 
 def _release_lite(
