@@ -50,16 +50,11 @@ def canary_sync(pair: Any, store: Any, batch_size: int = 16) -> dict[str, Any]:
     longer holds another photo of their product (removed through the admin API: no model
     or index could find it, so it says nothing about them)."""
     canary = pair.metadata.get("canary") or {}
+    recorded = canary.get("probes", [])
     started = time.perf_counter()
-    present = store.images_of_products(
-        pair.collection, [probe["product_id"] for probe in canary.get("probes", [])]
-    )
-    probes = [
-        probe
-        for probe in canary.get("probes", [])
-        if present.get(probe["product_id"], set()) - {probe["image_id"]}
-    ]
-    removed = len(canary.get("probes", [])) - len(probes)
+    present = store.images_of_products(pair.collection, [p["product_id"] for p in recorded])
+    probes = [p for p in recorded if present.get(p["product_id"], set()) - {p["image_id"]}]
+    removed = len(recorded) - len(probes)
     found: list[int | None] = []
     unreadable = 0
     for offset in range(0, len(probes), batch_size):

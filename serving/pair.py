@@ -152,9 +152,7 @@ class PairHolder:
         metadata = await asyncio.to_thread(self.store.metadata, target)
         for key in ("canary", "drift"):  # absent in collections built before they existed
             metadata[key] = await asyncio.to_thread(self.store.recorded, target, key)
-        live = await asyncio.to_thread(self.store.recorded, target, LIVE_METADATA)
-        if "categories" in live:  # admin changes since the build
-            metadata["categories"] = live["categories"]
+        metadata.update(await self._live_catalogue(target))
         package = metadata.get("model_package")
         if not package:
             raise LookupError(f"collection {target} does not record the model that built it")
@@ -223,10 +221,13 @@ class PairHolder:
     async def _reread_catalogue(self, pair: ServingPair) -> None:
         """The pair's row count and categories as the collection has them now."""
         rows = await asyncio.to_thread(self.store.count, pair.collection)
-        live = await asyncio.to_thread(self.store.recorded, pair.collection, LIVE_METADATA)
-        pair.metadata = {**pair.metadata, "rows": rows}
-        if "categories" in live:
-            pair.metadata["categories"] = live["categories"]
+        live = await self._live_catalogue(pair.collection)
+        pair.metadata = {**pair.metadata, "rows": rows, **live}
+
+    async def _live_catalogue(self, collection: str) -> dict[str, Any]:
+        """The categories admin changes recorded since the build (``{}`` if none)."""
+        live = await asyncio.to_thread(self.store.recorded, collection, LIVE_METADATA)
+        return {"categories": live["categories"]} if "categories" in live else {}
 
     async def _retire(self, old: ServingPair) -> None:
         if old.in_flight:

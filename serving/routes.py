@@ -125,10 +125,11 @@ async def _embed_upload(
         limits = rules.upload_limits(limits)
     check_content_type(content_type, limits)  # a cached upload is refused all the same
     key = digest(data)
-    cached = pair.cache.get(key) if rules is None else None
-    metrics.cache.labels("hit" if cached is not None else "miss").inc()
-    if cached is not None:
-        return cached, key
+    if rules is None:  # an add is decoded whatever the cache holds
+        cached = pair.cache.get(key)
+        metrics.cache.labels("hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            return cached, key
     # Off the model's threads (see Embedder.prepare), in one hop.
     prepared = await asyncio.to_thread(_decode_and_prepare, pair, data, content_type, limits)
     model_input, timings["decode"], timings["prepare"] = prepared
@@ -487,8 +488,8 @@ async def _catalogue_changed(
     # The request's pair, and the current one if a rollout onto the same collection swapped
     # it in meanwhile (this change then reached the collection after the new pair read it).
     current = holder.current
-    for served in {id(p): p for p in (pair, current) if p is not None}.values():
-        if served.collection == pair.collection:
+    for served in (pair, current):
+        if served is not None and served.collection == pair.collection:
             served.metadata = {**served.metadata, "rows": rows, "categories": live["categories"]}
     if current is not None and current.collection == pair.collection:
         metrics.collection_rows.set(rows)
