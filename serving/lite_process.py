@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from milvus_lite.adapter.grpc.server import start_server_in_thread
 
+    from serving import lite_search
+
+    lite_search.install()
     try:
         server, db, port = start_server_in_thread(data_dir=args[0], host="127.0.0.1", port=0)
     except Exception as err:  # the parent reports the last line of stderr

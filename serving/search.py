@@ -14,7 +14,9 @@ from serving.store import VectorStore, quote
 
 # Hits fetched per product asked for, at first: a product has several photos and results are
 # per product. A page that fills up without giving enough products is fetched again, deeper.
-# Milvus Lite's search costs about 45 us per hit returned (6.1 ms for 96 hits, 4.0 for 48).
+# A Milvus Lite search costs about 15 us per hit returned besides its fixed cost (480 rows:
+# 1.7 ms for 12 hits, 2.3 for 48, 3.0 for 96; 2.8, 3.3 and 4.8 ms with Lite's own executor,
+# see serving/lite_search.py).
 HITS_PER_RESULT = 4
 MAX_FETCH = 16384
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from serving import lite_search
 from serving.lite_process import LiteProcess, LiteProcessError
 
 log = logging.getLogger(__name__)
@@ -397,6 +398,7 @@ class VectorStore:
             _LITE_CHILDREN.pop(path, None)
             _LITE_DIED.add(path)
         elif not self.lite_process or _LITE_OPEN.get(path):
+            lite_search.install()  # Lite on threads of this process searches faster
             return path  # already open on threads here: a child could not take the lock
         try:
             child = LiteProcess(path)

@@ -1,0 +1,487 @@
+"""A faster search executor for Milvus Lite 3.2, installed wherever Vitrine runs Lite.
+
+Milvus Lite 3.2 searches (``milvus_lite.search.executor_indexed.execute_search_with_index``)
+with two pieces of per-call Python whose cost has nothing to do with the query:
+
+1. **Which rows count.** Rows shadowed by a later upsert or a delete must not be returned, so
+   every call loops over every row of every segment (the highest sequence number per key,
+   then a mask): about 7.6 ms per call at 20K rows and 45 ms at 100K, however few queries.
+2. **The hits' fields.** Each hit's whole row is turned into Python, its embedding included
+   (hundreds of floats), before the projection keeps the fields asked for: about 17 us a hit
+   with 512-d embeddings, more at 1,280; the projection then spends 15 us more a hit scanning
+   the schema again for every field.
+
+:func:`execute_search` returns the same hits, in the same order, with the same fields:
+
+1. Segments are immutable files, so the segments-only part of (1) is computed once per set of
+   segments and cached; each call re-checks only the keys that the in-memory table or a
+   tombstone touches (usually none, a few after admin changes).
+2. The hits' rows come from one Arrow ``take`` per segment, of every column except vector
+   columns nobody asked for; :func:`project_record` projects them as Lite's does, with the
+   schema's names looked up once per record instead of once per field.
+
+What it cannot do exactly (a segment holding a key twice, an unknown tombstone layout) goes to
+Lite's own function. ``tests/test_lite_search.py`` holds both to the same answers on random
+collections with upserts, deletes, flushes, filters and partitions. Installed only on the Lite
+versions it was written against; ``VITRINE_LITE_FAST_SEARCH=0`` leaves Lite's own search.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The Milvus Lite versions whose executor this one reproduces (tests/test_lite_search.py).
+SUPPORTED_VERSIONS = frozenset({"3.2.2"})
+SWITCH = "VITRINE_LITE_FAST_SEARCH"
+# Sets of segments whose validity is kept: the served collection's, plus a few retired by a
+# flush or compaction (9 bytes a row each: the masks, and the sequence numbers held so that
+# the ids in the key stay theirs; the segments themselves are not held).
+CACHED_SEGMENT_SETS = 4
+
+Candidate = tuple[float, int, int]  # (distance, source, row within the source)
+
+
+@dataclass(frozen=True)
+class _SegmentsValidity:
+    """Rows of a set of segments that are their key's latest version among those segments."""
+
+    seqs: tuple[np.ndarray, ...]  # each segment's, held: the cache key is their ids
+    valid: tuple[np.ndarray, ...]  # per segment: rows whose seq is their key's highest
+
+
+_cache: collections.OrderedDict[tuple[int, ...], _SegmentsValidity] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+_originals: dict[str, Callable[..., Any]] = {}  # what install() replaced, by name
+
+
+def lite_version() -> str:
+    from milvus_lite import __version__
+
+    return str(__version__)
+
+
+def install() -> bool:
+    """Make Milvus Lite's collections in this process search with :func:`execute_search`
+    and project with :func:`project_record`.
+
+    Idempotent. Returns whether it is installed: not on other Lite versions, nor with
+    ``VITRINE_LITE_FAST_SEARCH=0``.
+    """
+    if _originals:
+        return True
+    if os.environ.get(SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
+        log.info("Milvus Lite searches with its own executor (%s=0)", SWITCH)
+        return False
+    try:
+        from milvus_lite.engine import collection as lite_collection
+
+        version = lite_version()
+    except ImportError:
+        return False
+    if version not in SUPPORTED_VERSIONS:
+        log.warning(
+            "Milvus Lite %s: its own search executor is used (serving/lite_search.py was "
+            "written for %s)",
+            version,
+            ", ".join(sorted(SUPPORTED_VERSIONS)),
+        )
+        return False
+    for name, faster in _REPLACEMENTS.items():
+        _originals[name] = getattr(lite_collection, name)
+        setattr(lite_collection, name, faster)
+    log.debug("Milvus Lite %s searches with serving.lite_search", version)
+    return True
+
+
+def uninstall() -> None:
+    """Give Milvus Lite its own functions back (tests compare the two)."""
+    if not _originals:
+        return
+    from milvus_lite.engine import collection as lite_collection
+
+    for name, original in _originals.items():
+        setattr(lite_collection, name, original)
+    _originals.clear()
+    with _cache_lock:
+        _cache.clear()
+
+
+@contextlib.contextmanager
+def lite_own() -> Iterator[None]:
+    """Milvus Lite's own functions for the duration (benchmarks compare the two)."""
+    was_installed = bool(_originals)
+    uninstall()
+    try:
+        yield
+    finally:
+        if was_installed:
+            install()
+
+
+def _lite_executor() -> Callable[..., Any]:
+    if "execute_search_with_index" in _originals:
+        return _originals["execute_search_with_index"]
+    from milvus_lite.search.executor_indexed import execute_search_with_index
+
+    return execute_search_with_index
+
+
+def execute_search(
+    query_vectors: np.ndarray,
+    segments: Any,
+    memtable: Any,
+    delta_index: Any,
+    top_k: int,
+    metric_type: str,
+    pk_field: str,
+    vector_field: str,
+    partition_names: list[str] | None = None,
+    compiled_filter: Any = None,
+    output_fields: list[str] | None = None,
+    indexed_filter_plan: Any = None,
+    project_record_fn: Callable[[dict], dict] | None = None,
+    search_params: dict[str, Any] | None = None,
+) -> list[list[dict]]:
+    """``execute_search_with_index`` of Milvus Lite 3.2, same arguments and answers."""
+    arguments = dict(
+        query_vectors=query_vectors,
+        segments=segments,
+        memtable=memtable,
+        delta_index=delta_index,
+        top_k=top_k,
+        metric_type=metric_type,
+        pk_field=pk_field,
+        vector_field=vector_field,
+        partition_names=partition_names,
+        compiled_filter=compiled_filter,
+        output_fields=output_fields,
+        indexed_filter_plan=indexed_filter_plan,
+        project_record_fn=project_record_fn,
+        search_params=search_params,
+    )
+    tombstones = getattr(delta_index, "_map", None)
+    if not isinstance(tombstones, dict):  # a layout this module does not know
+        return _lite_executor()(**arguments)
+
+    if query_vectors.ndim == 1:
+        query_vectors = query_vectors.reshape(1, -1)
+    if query_vectors.dtype != np.float32:
+        query_vectors = query_vectors.astype(np.float32, copy=False)
+    nq = int(query_vectors.shape[0])
+    if nq == 0 or top_k <= 0:
+        return [[] for _ in range(nq)]
+
+    wanted = set(partition_names) if partition_names else None
+    in_scope = [s for s in segments if s.num_rows > 0 and (wanted is None or s.partition in wanted)]
+    mt_pks, mt_seqs, mt_vecs, mt_row_refs, mt_table = memtable.to_search_snapshot(
+        vector_field=vector_field,
+        partition_names=partition_names,
+        include_table=compiled_filter is not None,
+    )
+    if not in_scope and not mt_pks:
+        return [[] for _ in range(nq)]
+    validity = _validity_of(in_scope)
+    if validity is None:  # a segment holds a key twice: Lite's own loop handles that
+        return _lite_executor()(**arguments)
+
+    # The in-memory rows and the tombstones override what the segments say, key by key.
+    mt_deletes = memtable.delete_index_snapshot()  # {pk: (seq, partition)}
+    mt_max: dict[Any, int] = {}
+    for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True):
+        if seq > mt_max.get(pk, -1):
+            mt_max[pk] = seq
+
+    def latest(pk: Any) -> int | None:
+        """The highest sequence number of ``pk`` over the segments and the memory."""
+        found = [
+            int(seg.seqs[row]) for seg in in_scope if (row := seg.pk_to_row.get(pk)) is not None
+        ]
+        if pk in mt_max:
+            found.append(mt_max[pk])
+        return max(found) if found else None
+
+    def counts(pk: Any, seq: int) -> bool:
+        """Lite's rule for one row: its key's latest version, and deleted by nothing later."""
+        if latest(pk) != seq or delta_index.is_deleted(pk, seq):
+            return False
+        deleted = mt_deletes.get(pk)
+        return deleted is None or deleted[0] <= seq
+
+    touched = set(mt_max) | tombstones.keys() | mt_deletes.keys()
+
+    filter_masks: dict[int, np.ndarray] = {}
+    mt_filter_mask = None
+    if compiled_filter is not None:
+        from milvus_lite.search.filter import evaluate_mask
+        from milvus_lite.search.indexed_filter import evaluate_segment_filter
+
+        for seg in in_scope:
+            filter_masks[id(seg)] = evaluate_segment_filter(
+                seg, compiled_filter, indexed_filter_plan
+            )
+        if mt_pks and mt_table is not None:
+            mt_filter_mask = evaluate_mask(compiled_filter, mt_table)
+
+    candidates: list[list[Candidate]] = [[] for _ in range(nq)]
+    sources: list[Sequence[Any]] = []  # each source's keys, by row
+
+    def recall(source: int, vectors: np.ndarray, mask: np.ndarray, index: Any) -> None:
+        if not mask.any():
+            return
+        if index is None:
+            from milvus_lite.index.brute_force import BruteForceIndex
+
+            index = BruteForceIndex.build(vectors, metric_type)
+        ids, distances = index.search(
+            query_vectors,
+            top_k,
+            valid_mask=None if mask.all() else mask,
+            params=search_params,
+        )
+        negative = ids < 0
+        # Each query's hits up to its first padding id (-1), as Lite reads them.
+        lengths = np.where(negative.any(axis=1), negative.argmax(axis=1), ids.shape[1]).tolist()
+        for found, n, near, rows in zip(
+            candidates, lengths, distances.tolist(), ids.tolist(), strict=True
+        ):
+            found.extend(zip(near[:n], itertools.repeat(source, n), rows[:n], strict=True))
+
+    for number, seg in enumerate(in_scope):
+        vectors, null_mask = seg.vector_data(vector_field)
+        sources.append(seg.pks)
+        mask = validity.valid[number]
+        rows = [(row, pk) for pk in touched if (row := seg.pk_to_row.get(pk)) is not None]
+        if rows:
+            mask = mask.copy()
+            seqs = seg.seqs
+            for row, pk in rows:
+                mask[row] = counts(pk, int(seqs[row]))
+        combined = filter_masks.get(id(seg))
+        if null_mask is not None:
+            combined = null_mask if combined is None else combined & null_mask
+        if combined is not None:
+            mask = mask & combined.astype(bool)
+        recall(number, vectors, mask, seg.indexes.get(vector_field))
+
+    if mt_pks:
+        sources.append(mt_pks)
+        seqs = np.asarray(mt_seqs).tolist()
+        mask = np.fromiter(
+            (counts(pk, seq) for pk, seq in zip(mt_pks, seqs, strict=True)),
+            dtype=bool,
+            count=len(mt_pks),
+        )
+        if mt_filter_mask is not None:
+            mask = mask & mt_filter_mask.astype(bool)
+        recall(len(sources) - 1, mt_vecs, mask, None)
+
+    for each in candidates:
+        each.sort(key=lambda c: (c[0], c[1], c[2]))  # as Lite breaks ties
+    winners = [each[:top_k] for each in candidates]
+    records = _records(winners, in_scope, memtable, mt_row_refs, output_fields)
+    project = _projection(project_record_fn, output_fields, pk_field, vector_field)
+    results: list[list[dict]] = []
+    for each in winners:
+        hits = []
+        for distance, source, row in each:
+            record = records[source, row]
+            pk = record[pk_field] if pk_field in record else sources[source][row]
+            hits.append({"id": pk, "distance": distance, "entity": project(record)})
+        results.append(hits)
+    return results
+
+
+def _validity_of(segments: list[Any]) -> _SegmentsValidity | None:
+    """The segments-only validity of ``segments``, computed once per set; None when a
+    segment holds a key twice (its key-to-row map cannot name every row)."""
+    key = tuple(id(s.seqs) for s in segments)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    validity = _compute_validity(segments)
+    if validity is not None:  # (a None would hold no sequence numbers to keep its key's ids)
+        with _cache_lock:
+            _cache[key] = validity
+            while len(_cache) > CACHED_SEGMENT_SETS:
+                _cache.popitem(last=False)
+    return validity
+
+
+def _compute_validity(segments: list[Any]) -> _SegmentsValidity | None:
+    if any(len(seg.pk_to_row) != len(seg.pks) for seg in segments):
+        return None
+    if len(segments) == 1:  # every key once: every row is its key's latest
+        return _SegmentsValidity((segments[0].seqs,), (np.ones(len(segments[0].pks), bool),))
+    max_seq: dict[Any, int] = {}
+    seqs_of = [seg.seqs.tolist() for seg in segments]
+    for seg, seqs in zip(segments, seqs_of, strict=True):
+        for pk, seq in zip(seg.pks, seqs, strict=True):
+            if seq > max_seq.get(pk, -1):
+                max_seq[pk] = seq
+    valid = tuple(
+        np.fromiter(
+            (max_seq[pk] == seq for pk, seq in zip(seg.pks, seqs, strict=True)),
+            dtype=bool,
+            count=len(seqs),
+        )
+        for seg, seqs in zip(segments, seqs_of, strict=True)
+    )
+    return _SegmentsValidity(tuple(seg.seqs for seg in segments), valid)
+
+
+def _heavy(field: Any) -> bool:
+    """A column worth leaving in Arrow unless asked for: vectors (lists, binary, maps)."""
+    import pyarrow as pa
+
+    kind = field.type
+    return (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_struct(kind)
+        or pa.types.is_map(kind)
+    )
+
+
+def _columns(table: Any, output_fields: list[str] | None) -> list[str]:
+    """The columns a hit's record needs: all that Lite's ``row_to_dict`` gives, less vector
+    columns that ``output_fields`` does not name (the projection cannot use them then)."""
+    asked = None if output_fields is None or "*" in output_fields else set(output_fields)
+    return [
+        field.name
+        for field in table.schema
+        if field.name != "_seq" and (asked is None or field.name in asked or not _heavy(field))
+    ]
+
+
+def _records(
+    winners: list[list[Candidate]],
+    segments: list[Any],
+    memtable: Any,
+    mt_row_refs: list[tuple[int, int]],
+    output_fields: list[str] | None,
+) -> dict[tuple[int, int], dict]:
+    """Each winning row as Lite's ``row_to_dict`` makes it (less unasked vector columns)."""
+    import pyarrow as pa
+
+    rows_of: dict[int, list[int]] = collections.defaultdict(list)
+    for source, row in {(source, row) for each in winners for _, source, row in each}:
+        rows_of[source].append(row)
+    records: dict[tuple[int, int], dict] = {}
+    for source, rows in rows_of.items():
+        if source < len(segments):
+            table = segments[source].table
+            picked = table.select(_columns(table, output_fields)).take(pa.array(rows, pa.int64()))
+            for row, record in zip(rows, picked.to_pylist(), strict=True):
+                records[source, row] = _with_meta_unpacked(record)
+        else:
+            for row in rows:
+                batch, batch_row = mt_row_refs[row]
+                records[source, row] = memtable.materialize_row(batch, batch_row)
+    return records
+
+
+def _with_meta_unpacked(record: dict) -> dict:
+    """As ``Segment.row_to_dict`` does: dynamic fields in ``$meta`` become top-level keys."""
+    meta = record.get("$meta")
+    if isinstance(meta, str):
+        try:
+            unpacked = json.loads(meta)
+        except (json.JSONDecodeError, ValueError):
+            return record
+        if isinstance(unpacked, dict):
+            record.update(unpacked)
+    elif isinstance(meta, dict):
+        record.update(meta)
+    return record
+
+
+def _projection(
+    project_record_fn: Callable[[dict], dict] | None,
+    output_fields: list[str] | None,
+    pk_field: str,
+    vector_field: str,
+) -> Callable[[dict], dict]:
+    """The entity of a hit, as Lite's executor projects it."""
+    if project_record_fn is not None:
+        return project_record_fn
+    if output_fields is None:
+        return lambda record: {
+            k: v for k, v in record.items() if k != pk_field and k != vector_field
+        }
+    keep = set(output_fields) - {pk_field}
+    return lambda record: {k: record[k] for k in keep if k in record}
+
+
+def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, Any]:
+    """``milvus_lite.engine.projection.project_record``: the same entity from the same
+    record, reading the schema's names once (Lite's scans the schema for every field)."""
+    names = set()
+    primary = set()
+    for field in schema.fields:
+        names.add(field.name)
+        if field.is_primary:
+            primary.add(field.name)
+    # extract_dynamic_fields: $meta's keys, then top-level keys that are not schema fields.
+    dynamic = _decoded_meta(record.get("$meta"))
+    for key, value in record.items():
+        if key not in names and key not in _INTERNAL_FIELDS:
+            dynamic[key] = value
+    for name in names:
+        dynamic.pop(name, None)
+    if plan.include_all_dynamic:
+        result = dict(dynamic)
+    else:
+        result = {name: dynamic[name] for name in plan.explicit_dynamic_fields if name in dynamic}
+    search = plan.api_kind == "search"
+    for name in plan.response_schema_fields:
+        if search and name in primary:
+            continue
+        if name in record:
+            result[name] = record[name]
+    if not search:
+        pk_name = next(field.name for field in schema.fields if field.is_primary)
+        if pk_name in record:
+            result[pk_name] = record[pk_name]
+    result.pop("$meta", None)
+    return result
+
+
+_INTERNAL_FIELDS = frozenset({"_seq", "_partition", "$meta"})
+
+
+def _decoded_meta(raw: object) -> dict[str, Any]:
+    """``milvus_lite.engine.projection.decode_meta``."""
+    if isinstance(raw, dict):
+        return dict(raw)
+    if not isinstance(raw, str) or not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return {}
+    return dict(value) if isinstance(value, dict) else {}
+
+
+# Names in milvus_lite.engine.collection that install() points at this module's functions.
+_REPLACEMENTS: dict[str, Callable[..., Any]] = {
+    "execute_search_with_index": execute_search,
+    "project_record": project_record,
+}
