@@ -196,3 +196,32 @@ def test_switch_turns_it_off(monkeypatch, lite_executor_restored):
 
     assert collection.execute_search_with_index is lite_search.execute_search
     assert collection.project_record is lite_search.project_record
+
+
+def test_queries_finding_the_same_row_share_no_objects(tmp_path, lite_executor_restored):
+    """As Lite builds each hit afresh, a caller changing one query's hit (its vector, a list)
+    must not change another's: here through Lite's engine, which hands the objects over."""
+    from milvus_lite.db import MilvusLite
+    from milvus_lite.schema.types import CollectionSchema, FieldSchema
+    from milvus_lite.schema.types import DataType as LiteType
+
+    db = MilvusLite(str(tmp_path / "engine"))
+    schema = CollectionSchema(
+        fields=[
+            FieldSchema("id", LiteType.INT64, is_primary=True),
+            FieldSchema("vec", LiteType.FLOAT_VECTOR, dim=2),
+        ]
+    )
+    collection = db.create_collection("t", schema)
+    collection.insert([{"id": 1, "vec": [1.0, 0.0]}, {"id": 2, "vec": [0.0, 1.0]}])
+    collection.load()
+    assert lite_search.install()
+    try:
+        for state in ("in memory", "flushed"):
+            hits = collection.search([[1.0, 0.0], [1.0, 0.1]], top_k=1, output_fields=["vec"])
+            assert hits[0][0]["id"] == hits[1][0]["id"] == 1
+            hits[0][0]["entity"]["vec"].append(99.0)
+            assert hits[1][0]["entity"]["vec"] == [1.0, 0.0], state
+            collection.flush()
+    finally:
+        db.close()
