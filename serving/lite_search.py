@@ -70,6 +70,17 @@ _cache: collections.OrderedDict[tuple[int, ...], _SegmentsValidity] = collection
 _cache_lock = threading.Lock()
 _originals: dict[str, Callable[..., Any]] = {}  # what install() replaced, by name
 _install_lock = threading.Lock()
+_lite_projection: Any = None  # milvus_lite.engine.projection, once project_record ran
+
+
+def _import_lite_projection() -> Any:
+    """Lite's projection module, whose helpers project_record shares (imported on first use:
+    importing this module must not import Milvus Lite)."""
+    global _lite_projection
+    from milvus_lite.engine import projection
+
+    _lite_projection = projection
+    return projection
 
 
 def lite_version() -> str:
@@ -227,24 +238,7 @@ def execute_search(
         return deleted is None or deleted[0] <= seq
 
     touched = set(mt_max) | tombstones.keys() | mt_deletes.keys()
-    # The rows of touched keys in each segment, found from whichever side is smaller (after
-    # mass deletes, the rows), and each touched key's highest sequence number over them.
-    touched_rows: list[list[tuple[int, Any, int]]] = []
-    segments_max: dict[Any, int] = {}
-    for seg in in_scope:
-        if len(touched) < len(seg.pks):
-            rows = [(row, pk) for pk in touched if (row := seg.pk_to_row.get(pk)) is not None]
-            found = [(row, pk, int(seg.seqs[row])) for row, pk in rows]
-        else:
-            found = [
-                (row, pk, seq)
-                for row, (pk, seq) in enumerate(zip(seg.pks, seg.seqs.tolist(), strict=True))
-                if pk in touched
-            ]
-        for _, pk, seq in found:
-            if seq > segments_max.get(pk, -1):
-                segments_max[pk] = seq
-        touched_rows.append(found)
+    touched_rows, segments_max = _rows_of_keys(in_scope, touched)
 
     def latest(pk: Any) -> int | None:
         """The highest sequence number of a touched key over the segments and the memory."""
@@ -335,6 +329,30 @@ def execute_search(
             hits.append({"id": pk, "distance": distance, "entity": project(record)})
         results.append(hits)
     return results
+
+
+def _rows_of_keys(
+    segments: list[Any], keys: set[Any]
+) -> tuple[list[list[tuple[int, Any, int]]], dict[Any, int]]:
+    """Each segment's rows of ``keys`` as ``(row, key, seq)``, found from whichever side is
+    smaller (after mass deletes, the rows), and each such key's highest seq over them."""
+    rows_of: list[list[tuple[int, Any, int]]] = []
+    highest: dict[Any, int] = {}
+    for seg in segments:
+        if len(keys) < len(seg.pks):
+            rows = [(row, pk) for pk in keys if (row := seg.pk_to_row.get(pk)) is not None]
+            found = [(row, pk, int(seg.seqs[row])) for row, pk in rows]
+        else:
+            found = [
+                (row, pk, seq)
+                for row, (pk, seq) in enumerate(zip(seg.pks, seg.seqs.tolist(), strict=True))
+                if pk in keys
+            ]
+        for _, pk, seq in found:
+            if seq > highest.get(pk, -1):
+                highest[pk] = seq
+        rows_of.append(found)
+    return rows_of, highest
 
 
 def _validity_of(segments: list[Any]) -> _SegmentsValidity | None:
@@ -473,9 +491,11 @@ def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, 
         if field.is_primary:
             primary.add(field.name)
     # extract_dynamic_fields: $meta's keys, then top-level keys that are not schema fields.
-    dynamic = _decoded_meta(record.get("$meta"))
+    lite = _lite_projection or _import_lite_projection()
+    dynamic = lite.decode_meta(record.get("$meta"))
+    internal = lite._INTERNAL_FIELDS
     for key, value in record.items():
-        if key not in names and key not in _INTERNAL_FIELDS:
+        if key not in names and key not in internal:
             dynamic[key] = value
     for name in names:
         dynamic.pop(name, None)
@@ -495,22 +515,6 @@ def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, 
             result[pk_name] = record[pk_name]
     result.pop("$meta", None)
     return result
-
-
-_INTERNAL_FIELDS = frozenset({"_seq", "_partition", "$meta"})
-
-
-def _decoded_meta(raw: object) -> dict[str, Any]:
-    """``milvus_lite.engine.projection.decode_meta``."""
-    if isinstance(raw, dict):
-        return dict(raw)
-    if not isinstance(raw, str) or not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return {}
-    return dict(value) if isinstance(value, dict) else {}
 
 
 # Names in milvus_lite.engine.collection that install() points at this module's functions.
