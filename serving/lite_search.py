@@ -1,4 +1,4 @@
-"""A faster search executor for Milvus Lite 3.2, installed wherever Vitrine runs Lite.
+"""Faster search and query for Milvus Lite 3.2, installed wherever Vitrine runs Lite.
 
 Milvus Lite 3.2 searches (``milvus_lite.search.executor_indexed.execute_search_with_index``)
 with two pieces of per-call Python whose cost has nothing to do with the query:
@@ -11,29 +11,39 @@ with two pieces of per-call Python whose cost has nothing to do with the query:
    with 512-d embeddings, more at 1,280; the projection then spends 15 us more a hit scanning
    the schema again for every field.
 
-:func:`execute_search` returns the same hits, in the same order, with the same fields:
+Its ``query()`` (a product's rows, an image's row) makes the same pass over every row
+(``search.bitmap.build_valid_mask``), after listing a ``(segment, row)`` pair for every row
+and gathering every vector (``search.assembler.assemble_candidates``): 170 ms at 100K rows
+to find four.
+
+This module returns the same answers, in the same order, with the same fields:
 
 1. Segments are immutable files, so the segments-only part of (1) is computed once per set of
    segments and cached; each call re-checks only the keys that the in-memory table or a
-   tombstone touches (usually none, a few after admin changes).
+   tombstone touches (usually none, a few after admin changes). Search and query share it.
 2. The hits' rows come from one Arrow ``take`` per segment, of every column except vector
    columns nobody asked for; :func:`project_record` projects them as Lite's does, with the
    schema's names looked up once per record instead of once per field.
+3. A query's candidates are named by position and turned into ``(segment, row)`` only for
+   the rows that match; the vectors, which query does not read, are not gathered.
 
 What it cannot do exactly (a segment holding a key twice, an unknown tombstone layout) goes to
-Lite's own function. With many unflushed changes or deletes (thousands of keys, before Lite
+Lite's own functions. With many unflushed changes or deletes (thousands of keys, before Lite
 compacts them away) the re-check costs about what Lite's own pass does (0.95-1.15x its time
 in probes with 10,000 deletes and 5,000-10,000 unflushed rows over 10-40 segments).
-``tests/test_lite_search.py`` holds both to the same answers on random
-collections with upserts, deletes, flushes, filters and partitions. Installed only on the Lite
-versions it was written against; ``VITRINE_LITE_FAST_SEARCH=0`` leaves Lite's own search.
+``tests/test_lite_search.py`` holds both to the same answers, searches and queries, on
+collections through inserts, upserts, deletes, flushes, filters and partitions. Installed only
+on the Lite versions it was written against; ``VITRINE_LITE_FAST_SEARCH=0`` leaves Lite's own.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import collections.abc
 import contextlib
 import copy
+import importlib
 import itertools
 import json
 import logging
@@ -68,7 +78,7 @@ class _SegmentsValidity:
 
 _cache: collections.OrderedDict[tuple[int, ...], _SegmentsValidity] = collections.OrderedDict()
 _cache_lock = threading.Lock()
-_originals: dict[str, Callable[..., Any]] = {}  # what install() replaced, by name
+_originals: dict[tuple[str, str], Callable[..., Any]] = {}  # replaced: (module, name) -> it
 _install_lock = threading.Lock()
 _lite_projection: Any = None  # milvus_lite.engine.projection, once project_record ran
 
@@ -107,8 +117,6 @@ def _install() -> bool:
         log.info("Milvus Lite searches with its own executor (%s=0)", SWITCH)
         return False
     try:
-        from milvus_lite.engine import collection as lite_collection
-
         version = lite_version()
     except ImportError:
         return False
@@ -120,9 +128,10 @@ def _install() -> bool:
             ", ".join(sorted(SUPPORTED_VERSIONS)),
         )
         return False
-    for name, faster in _REPLACEMENTS.items():
-        _originals[name] = getattr(lite_collection, name)
-        setattr(lite_collection, name, faster)
+    for (module_name, name), faster in _REPLACEMENTS.items():
+        module = importlib.import_module(module_name)
+        _originals[module_name, name] = getattr(module, name)
+        setattr(module, name, faster)
     log.debug("Milvus Lite %s searches with serving.lite_search", version)
     return True
 
@@ -136,10 +145,8 @@ def uninstall() -> None:
 def _uninstall() -> None:
     if not _originals:
         return
-    from milvus_lite.engine import collection as lite_collection
-
-    for name, original in _originals.items():
-        setattr(lite_collection, name, original)
+    for (module_name, name), original in _originals.items():
+        setattr(importlib.import_module(module_name), name, original)
     _originals.clear()
     with _cache_lock:
         _cache.clear()
@@ -158,11 +165,14 @@ def lite_own() -> Iterator[None]:
 
 
 def _lite_executor() -> Callable[..., Any]:
-    if "execute_search_with_index" in _originals:
-        return _originals["execute_search_with_index"]
-    from milvus_lite.search.executor_indexed import execute_search_with_index
+    return _lite_own_function(_COLLECTION, "execute_search_with_index")
 
-    return execute_search_with_index
+
+def _lite_own_function(module_name: str, name: str) -> Callable[..., Any]:
+    """Lite's own ``name`` of ``module_name``, installed or not."""
+    if (module_name, name) in _originals:
+        return _originals[module_name, name]
+    return getattr(importlib.import_module(module_name), name)
 
 
 def execute_search(
@@ -219,33 +229,12 @@ def execute_search(
     )
     if not in_scope and not mt_pks:
         return [[] for _ in range(nq)]
-    validity = _validity_of(in_scope)
-    if validity is None:  # a segment holds a key twice: Lite's own loop handles that
+    live = _live_masks(
+        in_scope, mt_pks, mt_seqs, tombstones, delta_index, memtable.delete_index_snapshot()
+    )
+    if live is None:  # a segment holds a key twice: Lite's own loop handles that
         return _lite_executor()(**arguments)
-
-    # The in-memory rows and the tombstones override what the segments say, key by key.
-    mt_deletes = memtable.delete_index_snapshot()  # {pk: (seq, partition)}
-    mt_max: dict[Any, int] = {}
-    for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True):
-        if seq > mt_max.get(pk, -1):
-            mt_max[pk] = seq
-
-    def counts(pk: Any, seq: int) -> bool:
-        """Lite's rule for one row: its key's latest version, and deleted by nothing later."""
-        if latest(pk) != seq or delta_index.is_deleted(pk, seq):
-            return False
-        deleted = mt_deletes.get(pk)
-        return deleted is None or deleted[0] <= seq
-
-    touched = set(mt_max) | tombstones.keys() | mt_deletes.keys()
-    touched_rows, segments_max = _rows_of_keys(in_scope, touched)
-
-    def latest(pk: Any) -> int | None:
-        """The highest sequence number of a touched key over the segments and the memory."""
-        in_segments, in_memory = segments_max.get(pk), mt_max.get(pk)
-        if in_segments is None or in_memory is None:
-            return in_memory if in_segments is None else in_segments
-        return max(in_segments, in_memory)
+    segment_masks, mt_mask = live
 
     filter_masks: dict[int, np.ndarray] = {}
     mt_filter_mask = None
@@ -287,11 +276,7 @@ def execute_search(
     for number, seg in enumerate(in_scope):
         vectors, null_mask = seg.vector_data(vector_field)
         sources.append(seg.pks)
-        mask = validity.valid[number]
-        if touched_rows[number]:
-            mask = mask.copy()
-            for row, pk, seq in touched_rows[number]:
-                mask[row] = counts(pk, seq)
+        mask = segment_masks[number]
         combined = filter_masks.get(id(seg))
         if null_mask is not None:
             combined = null_mask if combined is None else combined & null_mask
@@ -301,12 +286,7 @@ def execute_search(
 
     if mt_pks:
         sources.append(mt_pks)
-        seqs = np.asarray(mt_seqs).tolist()
-        mask = np.fromiter(
-            (counts(pk, seq) for pk, seq in zip(mt_pks, seqs, strict=True)),
-            dtype=bool,
-            count=len(mt_pks),
-        )
+        mask = mt_mask
         if mt_filter_mask is not None:
             mask = mask & mt_filter_mask.astype(bool)
         recall(len(sources) - 1, mt_vecs, mask, None)
@@ -329,6 +309,54 @@ def execute_search(
             hits.append({"id": pk, "distance": distance, "entity": project(record)})
         results.append(hits)
     return results
+
+
+def _live_masks(
+    segments: list[Any],
+    mt_pks: list[Any],
+    mt_seqs: Any,
+    tombstones: dict[Any, int],
+    delta_index: Any,
+    mt_deletes: dict[Any, tuple[int, Any]],
+) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Lite's rule for which rows count, over ``segments`` then the in-memory rows: a row is
+    its key's latest version (highest seq over all of them) and no later delete, flushed
+    (``delta_index``) or in memory (``mt_deletes``), shadows it. One mask per segment, then
+    the in-memory rows'; None when a segment holds a key twice (for Lite's own loop).
+
+    The segments-only answer is cached (:func:`_validity_of`); only the keys that the
+    in-memory rows and the tombstones touch are checked again."""
+    validity = _validity_of(segments)
+    if validity is None:
+        return None
+    mt_max: dict[Any, int] = {}
+    for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True):
+        if seq > mt_max.get(pk, -1):
+            mt_max[pk] = seq
+    touched = set(mt_max) | tombstones.keys() | mt_deletes.keys()
+    touched_rows, segments_max = _rows_of_keys(segments, touched)
+
+    def counts(pk: Any, seq: int) -> bool:
+        in_segments, in_memory = segments_max.get(pk), mt_max.get(pk)
+        latest = max(s for s in (in_segments, in_memory) if s is not None)
+        if latest != seq or delta_index.is_deleted(pk, seq):
+            return False
+        deleted = mt_deletes.get(pk)
+        return deleted is None or deleted[0] <= seq
+
+    masks = []
+    for valid, rows in zip(validity.valid, touched_rows, strict=True):
+        if rows:
+            valid = valid.copy()
+            for row, pk, seq in rows:
+                valid[row] = counts(pk, seq)
+        masks.append(valid)
+    mt_mask = np.fromiter(
+        (counts(pk, seq) for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True)),
+        dtype=bool,
+        count=len(mt_pks),
+    )
+    return masks, mt_mask
 
 
 def _rows_of_keys(
@@ -481,6 +509,115 @@ def _projection(
     return lambda record: {k: record[k] for k in keep if k in record}
 
 
+class _Keys(list):
+    """``assemble_candidates``'s keys, remembering which segments and in-memory rows they
+    are, so that :func:`build_valid_mask` can use the cached validity."""
+
+    segments: list[Any]
+    mt_pks: list[Any]
+    mt_seqs: Any
+
+
+class _RecordSources(collections.abc.Sequence):
+    """``assemble_candidates``'s ``(source, row)`` of every candidate, made when asked for
+    (Lite builds a list of them all on every query; a query reads the few that match)."""
+
+    def __init__(self, segments: list[Any], memtable: Any, mt_row_refs: list[Any]) -> None:
+        self._segments = segments
+        self._memtable = memtable
+        self._mt_row_refs = mt_row_refs
+        self._starts = [0]
+        for seg in segments:
+            self._starts.append(self._starts[-1] + seg.num_rows)
+
+    def __len__(self) -> int:
+        return self._starts[-1] + len(self._mt_row_refs)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i >= self._starts[-1]:
+            return self._memtable, self._mt_row_refs[i - self._starts[-1]]
+        number = bisect.bisect_right(self._starts, i) - 1
+        return self._segments[number], i - self._starts[number]
+
+
+def assemble_candidates(
+    segments: Any,
+    memtable: Any,
+    vector_field: str | None,
+    partition_names: list[str] | None = None,
+    filter_compiled: Any = None,
+    indexed_filter_plan: Any = None,
+) -> tuple[list[Any], np.ndarray, np.ndarray, Sequence[Any], np.ndarray | None]:
+    """``milvus_lite.search.assembler.assemble_candidates`` as ``Collection.query`` (its one
+    caller in Lite 3.2) uses it: the same keys, sequence numbers, record sources and filter
+    mask, without Lite's per-row work. The vectors, which query does not read, are not
+    gathered: an empty array stands in for them."""
+    from milvus_lite.search.filter import evaluate_mask
+    from milvus_lite.search.indexed_filter import evaluate_segment_filter
+
+    wanted = set(partition_names) if partition_names else None
+    in_scope = [s for s in segments if (wanted is None or s.partition in wanted) and s.num_rows]
+    mt_pks, mt_seqs, _, mt_row_refs, mt_table = memtable.to_search_snapshot(
+        vector_field=vector_field,
+        partition_names=partition_names,
+        include_table=filter_compiled is not None,
+    )
+    if not in_scope and not mt_pks:
+        empty_filter = np.zeros(0, dtype=bool) if filter_compiled is not None else None
+        return [], np.zeros(0, dtype=np.uint64), np.zeros((0, 0), np.float32), [], empty_filter
+    keys = _Keys()
+    for seg in in_scope:
+        keys.extend(seg.pks)
+    keys.extend(mt_pks)
+    keys.segments, keys.mt_pks, keys.mt_seqs = in_scope, mt_pks, mt_seqs
+    seqs = np.concatenate([seg.seqs for seg in in_scope] + ([mt_seqs] if mt_pks else []))
+    filter_mask = None
+    if filter_compiled is not None:
+        chunks = [
+            evaluate_segment_filter(s, filter_compiled, indexed_filter_plan) for s in in_scope
+        ]
+        if mt_pks and mt_table is not None:
+            chunks.append(evaluate_mask(filter_compiled, mt_table))
+        filter_mask = np.concatenate(chunks) if chunks else np.zeros(0, dtype=bool)
+    sources = _RecordSources(in_scope, memtable, mt_row_refs if mt_pks else [])
+    return keys, seqs, np.zeros((0, 0), np.float32), sources, filter_mask
+
+
+def build_valid_mask(
+    all_pks: list[Any],
+    all_seqs: np.ndarray,
+    delta_index: Any,
+    filter_mask: np.ndarray | None = None,
+    memtable: Any = None,
+) -> np.ndarray:
+    """``milvus_lite.search.bitmap.build_valid_mask``: the same mask. For the candidates of
+    :func:`assemble_candidates`, from the cached validity of their segments; for any others,
+    Lite's own function."""
+    tombstones = getattr(delta_index, "_map", None)
+    live = None
+    if isinstance(all_pks, _Keys) and memtable is not None and isinstance(tombstones, dict):
+        live = _live_masks(
+            all_pks.segments,
+            all_pks.mt_pks,
+            all_pks.mt_seqs,
+            tombstones,
+            delta_index,
+            memtable.delete_index_snapshot(),
+        )
+    if live is None or (filter_mask is not None and len(filter_mask) != len(all_pks)):
+        own = _lite_own_function("milvus_lite.search.bitmap", "build_valid_mask")
+        return own(all_pks, all_seqs, delta_index, filter_mask=filter_mask, memtable=memtable)
+    segment_masks, mt_mask = live
+    mask = np.concatenate([*segment_masks, mt_mask]) if all_pks else np.zeros(0, dtype=bool)
+    return mask if filter_mask is None else mask & filter_mask.astype(bool)
+
+
 def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, Any]:
     """``milvus_lite.engine.projection.project_record``: the same entity from the same
     record, reading the schema's names once (Lite's scans the schema for every field)."""
@@ -518,7 +655,10 @@ def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, 
 
 
 # Names in milvus_lite.engine.collection that install() points at this module's functions.
-_REPLACEMENTS: dict[str, Callable[..., Any]] = {
-    "execute_search_with_index": execute_search,
-    "project_record": project_record,
+_COLLECTION = "milvus_lite.engine.collection"
+_REPLACEMENTS: dict[tuple[str, str], Callable[..., Any]] = {
+    (_COLLECTION, "execute_search_with_index"): execute_search,
+    (_COLLECTION, "project_record"): project_record,
+    (_COLLECTION, "assemble_candidates"): assemble_candidates,  # used by query() alone
+    ("milvus_lite.search.bitmap", "build_valid_mask"): build_valid_mask,
 }
