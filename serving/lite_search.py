@@ -329,8 +329,9 @@ def _live_masks(
     validity = _validity_of(segments)
     if validity is None:
         return None
+    mt_seq_list = np.asarray(mt_seqs).tolist()
     mt_max: dict[Any, int] = {}
-    for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True):
+    for pk, seq in zip(mt_pks, mt_seq_list, strict=True):
         if seq > mt_max.get(pk, -1):
             mt_max[pk] = seq
     touched = set(mt_max) | tombstones.keys() | mt_deletes.keys()
@@ -352,7 +353,7 @@ def _live_masks(
                 valid[row] = counts(pk, seq)
         masks.append(valid)
     mt_mask = np.fromiter(
-        (counts(pk, seq) for pk, seq in zip(mt_pks, np.asarray(mt_seqs).tolist(), strict=True)),
+        (counts(pk, seq) for pk, seq in zip(mt_pks, mt_seq_list, strict=True)),
         dtype=bool,
         count=len(mt_pks),
     )
