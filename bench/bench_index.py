@@ -988,7 +988,7 @@ def main() -> None:
         type=int,
         default=200,
         help="queries sent one per call (the first N), to Milvus and FAISS alike; batched "
-        "searches use all queries (Lite's own executor costs ~46 ms a call at 100K rows)",
+        "searches use all queries (Lite's own executor costs ~47 ms a call at 100K rows)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
     parser.add_argument(

@@ -5,7 +5,7 @@ with two pieces of per-call Python whose cost has nothing to do with the query:
 
 1. **Which rows count.** Rows shadowed by a later upsert or a delete must not be returned, so
    every call loops over every row of every segment (the highest sequence number per key,
-   then a mask): about 7.6 ms per call at 20K rows and 45 ms at 100K, however few queries.
+   then a mask): about 7.6 ms per call at 20K rows and 47 ms at 100K, however few queries.
 2. **The hits' fields.** Each hit's whole row is turned into Python, its embedding included
    (hundreds of floats), before the projection keeps the fields asked for: about 17 us a hit
    with 512-d embeddings, more at 1,280; the projection then spends 15 us more a hit scanning
