@@ -45,7 +45,6 @@ import contextlib
 import copy
 import importlib
 import itertools
-import json
 import logging
 import os
 import threading
@@ -100,8 +99,8 @@ def lite_version() -> str:
 
 
 def install() -> bool:
-    """Make Milvus Lite's collections in this process search with :func:`execute_search`
-    and project with :func:`project_record`.
+    """Make Milvus Lite's collections in this process search, query and project with this
+    module's functions (see ``_REPLACEMENTS``).
 
     Idempotent. Returns whether it is installed: not on other Lite versions, nor with
     ``VITRINE_LITE_FAST_SEARCH=0``.
@@ -164,10 +163,6 @@ def lite_own() -> Iterator[None]:
             install()
 
 
-def _lite_executor() -> Callable[..., Any]:
-    return _lite_own_function(_COLLECTION, "execute_search_with_index")
-
-
 def _lite_own_function(module_name: str, name: str) -> Callable[..., Any]:
     """Lite's own ``name`` of ``module_name``, installed or not."""
     if (module_name, name) in _originals:
@@ -210,7 +205,7 @@ def execute_search(
     )
     tombstones = getattr(delta_index, "_map", None)
     if not isinstance(tombstones, dict):  # a layout this module does not know
-        return _lite_executor()(**arguments)
+        return _lite_own_function(_COLLECTION, "execute_search_with_index")(**arguments)
 
     if query_vectors.ndim == 1:
         query_vectors = query_vectors.reshape(1, -1)
@@ -220,12 +215,8 @@ def execute_search(
     if nq == 0 or top_k <= 0:
         return [[] for _ in range(nq)]
 
-    wanted = set(partition_names) if partition_names else None
-    in_scope = [s for s in segments if s.num_rows > 0 and (wanted is None or s.partition in wanted)]
-    mt_pks, mt_seqs, mt_vecs, mt_row_refs, mt_table = memtable.to_search_snapshot(
-        vector_field=vector_field,
-        partition_names=partition_names,
-        include_table=compiled_filter is not None,
+    in_scope, (mt_pks, mt_seqs, mt_vecs, mt_row_refs, mt_table) = _sources(
+        segments, memtable, vector_field, partition_names, compiled_filter is not None
     )
     if not in_scope and not mt_pks:
         return [[] for _ in range(nq)]
@@ -233,21 +224,12 @@ def execute_search(
         in_scope, mt_pks, mt_seqs, tombstones, delta_index, memtable.delete_index_snapshot()
     )
     if live is None:  # a segment holds a key twice: Lite's own loop handles that
-        return _lite_executor()(**arguments)
+        return _lite_own_function(_COLLECTION, "execute_search_with_index")(**arguments)
     segment_masks, mt_mask = live
 
-    filter_masks: dict[int, np.ndarray] = {}
-    mt_filter_mask = None
-    if compiled_filter is not None:
-        from milvus_lite.search.filter import evaluate_mask
-        from milvus_lite.search.indexed_filter import evaluate_segment_filter
-
-        for seg in in_scope:
-            filter_masks[id(seg)] = evaluate_segment_filter(
-                seg, compiled_filter, indexed_filter_plan
-            )
-        if mt_pks and mt_table is not None:
-            mt_filter_mask = evaluate_mask(compiled_filter, mt_table)
+    filter_masks, mt_filter_mask = _filter_masks(
+        in_scope, mt_pks, mt_table, compiled_filter, indexed_filter_plan
+    )
 
     candidates: list[list[Candidate]] = [[] for _ in range(nq)]
     sources: list[Sequence[Any]] = []  # each source's keys, by row
@@ -277,7 +259,7 @@ def execute_search(
         vectors, null_mask = seg.vector_data(vector_field)
         sources.append(seg.pks)
         mask = segment_masks[number]
-        combined = filter_masks.get(id(seg))
+        combined = filter_masks[number]
         if null_mask is not None:
             combined = null_mask if combined is None else combined & null_mask
         if combined is not None:
@@ -309,6 +291,38 @@ def execute_search(
             hits.append({"id": pk, "distance": distance, "entity": project(record)})
         results.append(hits)
     return results
+
+
+def _sources(
+    segments: Any,
+    memtable: Any,
+    vector_field: str | None,
+    partition_names: list[str] | None,
+    with_table: bool,
+) -> tuple[list[Any], tuple[Any, ...]]:
+    """The segments a search or query reads (non-empty, in its partitions), and the snapshot
+    of the in-memory rows (``MemTable.to_search_snapshot``), as Lite gathers them."""
+    wanted = set(partition_names) if partition_names else None
+    in_scope = [s for s in segments if s.num_rows > 0 and (wanted is None or s.partition in wanted)]
+    snapshot = memtable.to_search_snapshot(
+        vector_field=vector_field, partition_names=partition_names, include_table=with_table
+    )
+    return in_scope, snapshot
+
+
+def _filter_masks(
+    segments: list[Any], mt_pks: list[Any], mt_table: Any, compiled: Any, plan: Any
+) -> tuple[list[np.ndarray | None], np.ndarray | None]:
+    """The scalar filter's mask of each segment and of the in-memory rows (None: no filter,
+    or no in-memory rows), as Lite evaluates it."""
+    if compiled is None:
+        return [None] * len(segments), None
+    from milvus_lite.search.filter import evaluate_mask
+    from milvus_lite.search.indexed_filter import evaluate_segment_filter
+
+    masks = [evaluate_segment_filter(seg, compiled, plan) for seg in segments]
+    memory = evaluate_mask(compiled, mt_table) if mt_pks and mt_table is not None else None
+    return masks, memory
 
 
 def _live_masks(
@@ -469,28 +483,16 @@ def _records(
         if source < len(segments):
             table = segments[source].table
             picked = table.select(_columns(table, output_fields)).take(pa.array(rows, pa.int64()))
+            lite = _lite_projection or _import_lite_projection()
             for row, record in zip(rows, picked.to_pylist(), strict=True):
-                records[source, row] = _with_meta_unpacked(record)
+                # As Segment.row_to_dict does: dynamic fields in $meta become top-level keys.
+                record.update(lite.decode_meta(record.get("$meta")))
+                records[source, row] = record
         else:
             for row in rows:
                 batch, batch_row = mt_row_refs[row]
                 records[source, row] = memtable.materialize_row(batch, batch_row)
     return records
-
-
-def _with_meta_unpacked(record: dict) -> dict:
-    """As ``Segment.row_to_dict`` does: dynamic fields in ``$meta`` become top-level keys."""
-    meta = record.get("$meta")
-    if isinstance(meta, str):
-        try:
-            unpacked = json.loads(meta)
-        except (json.JSONDecodeError, ValueError):
-            return record
-        if isinstance(unpacked, dict):
-            record.update(unpacked)
-    elif isinstance(meta, dict):
-        record.update(meta)
-    return record
 
 
 def _projection(
@@ -559,15 +561,8 @@ def assemble_candidates(
     caller in Lite 3.2) uses it: the same keys, sequence numbers, record sources and filter
     mask, without Lite's per-row work. The vectors, which query does not read, are not
     gathered: an empty array stands in for them."""
-    from milvus_lite.search.filter import evaluate_mask
-    from milvus_lite.search.indexed_filter import evaluate_segment_filter
-
-    wanted = set(partition_names) if partition_names else None
-    in_scope = [s for s in segments if (wanted is None or s.partition in wanted) and s.num_rows]
-    mt_pks, mt_seqs, _, mt_row_refs, mt_table = memtable.to_search_snapshot(
-        vector_field=vector_field,
-        partition_names=partition_names,
-        include_table=filter_compiled is not None,
+    in_scope, (mt_pks, mt_seqs, _, mt_row_refs, mt_table) = _sources(
+        segments, memtable, vector_field, partition_names, filter_compiled is not None
     )
     if not in_scope and not mt_pks:
         empty_filter = np.zeros(0, dtype=bool) if filter_compiled is not None else None
@@ -580,11 +575,10 @@ def assemble_candidates(
     seqs = np.concatenate([seg.seqs for seg in in_scope] + ([mt_seqs] if mt_pks else []))
     filter_mask = None
     if filter_compiled is not None:
-        chunks = [
-            evaluate_segment_filter(s, filter_compiled, indexed_filter_plan) for s in in_scope
-        ]
-        if mt_pks and mt_table is not None:
-            chunks.append(evaluate_mask(filter_compiled, mt_table))
+        segment_filters, mt_filter = _filter_masks(
+            in_scope, mt_pks, mt_table, filter_compiled, indexed_filter_plan
+        )
+        chunks = segment_filters + ([] if mt_filter is None else [mt_filter])
         filter_mask = np.concatenate(chunks) if chunks else np.zeros(0, dtype=bool)
     sources = _RecordSources(in_scope, memtable, mt_row_refs if mt_pks else [])
     return keys, seqs, np.zeros((0, 0), np.float32), sources, filter_mask
@@ -655,7 +649,7 @@ def project_record(record: dict[str, Any], schema: Any, plan: Any) -> dict[str, 
     return result
 
 
-# Names in milvus_lite.engine.collection that install() points at this module's functions.
+# (module, name) of the Milvus Lite functions that install() points at this module's.
 _COLLECTION = "milvus_lite.engine.collection"
 _REPLACEMENTS: dict[tuple[str, str], Callable[..., Any]] = {
     (_COLLECTION, "execute_search_with_index"): execute_search,
