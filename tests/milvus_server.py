@@ -134,6 +134,27 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
         _close(dst)
 
 
+def _group_stopped(pgid: int) -> bool:
+    """Whether every thread of every process in process group ``pgid`` is stopped."""
+    found = False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # The command name, in brackets, may hold spaces: the fields follow its last ")".
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            found = True
+            for task in (proc / "task").iterdir():
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state not in ("T", "t", "Z", "X"):
+                    return False
+        except (OSError, IndexError, ValueError):
+            continue  # ended while being read
+    return found
+
+
 class _Forwarder:
     """``127.0.0.1:<port>`` on the host to the same port inside the server's namespace.
 
@@ -449,9 +470,19 @@ class MilvusTestServer:
         self._wait_port_closed()
         return time.perf_counter() - started
 
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections are accepted, nothing answers."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """Freeze the server (SIGSTOP): connections are accepted, nothing answers.
+
+        ``kill`` returns before the signal has stopped every thread (a thread running on
+        another CPU stops at its next trip through the kernel), and in that moment a request
+        can still be answered; so this returns only once every thread of the group is stopped.
+        """
         os.killpg(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _group_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise MilvusServerError(f"process group {self.proc.pid} did not stop")
+            time.sleep(0.01)
 
     def resume(self) -> None:
         os.killpg(self.proc.pid, signal.SIGCONT)
