@@ -6,7 +6,10 @@ task takes up to ``max_batch`` of them, waiting at most ``max_wait_ms`` after th
 arrived, and runs the embedding function on the whole batch in a worker thread, so the event
 loop keeps accepting requests meanwhile. With ``workers`` > 1, that many batches run at once:
 on a CPU with torch at one thread, two forwards use two cores, and the next batch forms while
-the previous one is still embedding. :class:`EmbeddingCache` answers
+the previous one is still embedding. A request that finds the batcher idle gains nothing
+from batching: :meth:`MicroBatcher.run_alone` runs its whole work (decode, embed, search) as
+one job on a model thread, without the hand-offs between threads of the batched path.
+:class:`EmbeddingCache` answers
 repeated uploads of the same bytes without running the model at all.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import threading
@@ -84,6 +88,8 @@ class MicroBatcher:
         self._closed = False
         self.workers = workers
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._free: asyncio.Semaphore | None = None  # model threads not embedding (or alone)
+        self._spare = workers  # the same count, readable (a semaphore's is private)
         # The model's own threads: forwards never queue behind decodes and searches, which
         # share the event loop's default executor.
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -157,34 +163,81 @@ class MicroBatcher:
             raise RuntimeError("MicroBatcher is closed; no more images can be embedded")
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
+            if self._free is None:  # (lone jobs may hold it across a restart of the task)
+                self._free = asyncio.Semaphore(self.workers)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def run_alone(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """Run ``fn(*args)`` on a model thread at once if this batcher is idle (nothing
+        queued, a model thread free), as a batch of one that ``fn`` embeds itself.
+
+        A lone request gains nothing from batching, and doing its whole work (decode, embed,
+        search) as one job spares it the hand-offs between threads that the batched path
+        makes. It is done so only while another model thread stays free, so that requests
+        arriving meanwhile batch at once, as usual: never with one worker, whose one thread
+        would then idle through the job's decoding and search.
+
+        Returns:
+            ``(True, what fn returned)``, or ``(False, None)`` without running it when the
+            batcher is busy or has one model thread: then embed through :meth:`embed`.
+
+        Raises:
+            Exception: Whatever ``fn`` raised.
+        """
+        self._ensure_running()
+        assert self._free is not None
+        if self._pending or self._spare < 2:
+            return False, None
+        await self._take()  # spare: does not wait
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(fn, *args)
+        # The thread is given back when the job has really ended: a caller cancelled while
+        # it runs (a client gone, a shutdown) leaves the thread busy until then.
+        job.add_done_callback(lambda _: _call_soon(loop, self._give))
+        return True, await asyncio.wrap_future(job)
+
+    async def _take(self) -> None:
+        assert self._free is not None
+        await self._free.acquire()
+        self._spare -= 1
+
+    def _give(self) -> None:
+        assert self._free is not None
+        self._spare += 1
+        self._free.release()
 
     async def _run(self) -> None:
         """Form and embed batches until closed; queued requests never outlive this task."""
-        free = asyncio.Semaphore(self.workers)
         try:
             while not self._closed:
-                await free.acquire()  # a worker is free: form the next batch for it
+                await self._wait_for_request()
+                await self._take()  # a worker is free: form the next batch for it
                 batch = await self._next_batch()
                 if not batch:
-                    free.release()
+                    self._give()
                     continue
                 task = asyncio.get_running_loop().create_task(self._embed_batch(batch))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
-                task.add_done_callback(lambda _: free.release())
+                task.add_done_callback(lambda _: self._give())
         finally:
             if self._in_flight:  # batches already handed to a worker complete
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
             self._fail_pending()
 
+    async def _wait_for_request(self) -> None:
+        """Until a request is queued (or the batcher closed). Model threads are taken only
+        then, so that an idle batcher leaves them all free for :meth:`run_alone`."""
+        assert self._wakeup is not None
+        while not self._pending and not self._closed:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
     async def _next_batch(self) -> list[_Request]:
         """Wait for a first request, then for more until the batch is full or its time is up."""
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while not self._pending and not self._closed:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        await self._wait_for_request()
         if not self._pending:
             return []
         deadline = self._pending[0].queued_at + self.max_wait
@@ -242,6 +295,12 @@ def _fail(batch: list[_Request], err: BaseException) -> None:
     for request in batch:
         if not request.future.done():
             request.future.set_exception(err)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` on ``loop`` from any thread; nothing once the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def notify(callback: Callable[..., None] | None, *args: Any) -> None:

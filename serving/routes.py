@@ -14,12 +14,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from serving.batching import digest
+from serving.batching import digest, notify
 from serving.catalogue_rules import CatalogueRules, RuleBroken, stripped
 from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
-from serving.search import image_url, milvus_filter, search_vector
+from serving.search import image_url, milvus_filter, search_here, search_vector
 from serving.store import META_VALUE_CHARS, OUTPUT_FIELDS, metadata_value
 from serving.uploads import (
     UploadLimits,
@@ -106,36 +106,100 @@ def _observe(metrics: Any, timings: dict[str, float]) -> None:
         metrics.stage.labels(stage).observe(seconds)
 
 
-async def _embed_upload(
+def _upload_limits(settings: Any, rules: CatalogueRules | None = None) -> UploadLimits:
+    limits = UploadLimits(
+        max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
+    )
+    return limits if rules is None else rules.upload_limits(limits)
+
+
+async def _search_upload(
     pair: ServingPair,
+    store: Any,
     data: bytes,
     content_type: str | None,
     settings: Any,
     metrics: Any,
+    top_k: int,
+    filter_expr: str,
     timings: dict[str, float],
-    rules: CatalogueRules | None = None,
-):
-    """Decode (with limits) and embed an upload; recent identical uploads hit the cache.
-    ``rules``: an add's catalogue rules, which narrow the limits to a catalogue photo's (the
-    upload is then decoded even if cached, so that they are checked)."""
-    limits = UploadLimits(
-        max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels
-    )
-    if rules is not None:
-        limits = rules.upload_limits(limits)
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """An upload's embedding and its ``top_k`` products. A recent identical upload's
+    embedding comes from the cache; a lone request (the model idle) is decoded, embedded and
+    searched as one job on a model thread; others are micro-batched."""
+    limits = _upload_limits(settings)
     check_content_type(content_type, limits)  # a cached upload is refused all the same
     key = digest(data)
-    if rules is None:  # an add is decoded whatever the cache holds
-        cached = pair.cache.get(key)
-        metrics.cache.labels("hit" if cached is not None else "miss").inc()
-        if cached is not None:
-            return cached, key
+    vector = pair.cache.get(key)
+    metrics.cache.labels("hit" if vector is not None else "miss").inc()
+    if vector is None:
+        alone, found = await pair.batcher.run_alone(
+            _search_alone, pair, store, data, content_type, limits, top_k, filter_expr
+        )
+        if alone:
+            vector, results, lone_timings = found
+            timings.update(lone_timings)
+            pair.cache.put(key, vector)
+            return vector, results
+        vector = await _embed_decoded(pair, data, content_type, limits, timings)
+        pair.cache.put(key, vector)
+    return vector, await search_vector(store, pair, vector, top_k, filter_expr, timings)
+
+
+def _search_alone(
+    pair: ServingPair,
+    store: Any,
+    data: bytes,
+    content_type: str | None,
+    limits: UploadLimits,
+    top_k: int,
+    filter_expr: str,
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, float]]:
+    """A lone request's whole work, on a model thread (see MicroBatcher.run_alone)."""
+    timings: dict[str, float] = {}
+    model_input, timings["decode"], timings["prepare"] = _decode_and_prepare(
+        pair, data, content_type, limits
+    )
+    started = time.perf_counter()
+    vector = pair.embedder.embed_prepared([model_input])[0]
+    timings["embed"] = time.perf_counter() - started
+    notify(pair.batcher.on_batch, 1, timings["embed"])
+    results = search_here(store, pair, vector, top_k, filter_expr, timings)
+    return vector, results, timings
+
+
+async def _embed_decoded(
+    pair: ServingPair,
+    data: bytes,
+    content_type: str | None,
+    limits: UploadLimits,
+    timings: dict[str, float],
+) -> np.ndarray:
+    """Decode (with limits) on a decoding thread, then embed in whatever batch it joins."""
     # Off the model's threads (see Embedder.prepare), in one hop.
     prepared = await asyncio.to_thread(_decode_and_prepare, pair, data, content_type, limits)
     model_input, timings["decode"], timings["prepare"] = prepared
     started = time.perf_counter()
     vector = await pair.batcher.embed(model_input)
     timings["embed"] = time.perf_counter() - started
+    return vector
+
+
+async def _embed_upload(
+    pair: ServingPair,
+    data: bytes,
+    content_type: str | None,
+    settings: Any,
+    timings: dict[str, float],
+    rules: CatalogueRules,
+) -> tuple[np.ndarray, str]:
+    """An added photo's embedding and its key (the digest of its bytes). It is decoded
+    whatever the cache holds, so that the catalogue's ``rules`` (a catalogue photo's limits,
+    narrower than a query's) are checked."""
+    limits = _upload_limits(settings, rules)
+    check_content_type(content_type, limits)
+    vector = await _embed_decoded(pair, data, content_type, limits, timings)
+    key = digest(data)
     pair.cache.put(key, vector)
     return vector, key
 
@@ -189,10 +253,11 @@ async def search_by_image(
     data = await _read_upload(image, settings)
     timings: dict[str, float] = {}
     async with holder.use() as pair:
-        vector, _ = await _embed_upload(pair, data, image.content_type, settings, metrics, timings)
-        pair.drift.observe(vector)
         expr = milvus_filter(category or None, price_min, price_max)
-        results = await search_vector(store, pair, vector, top_k, expr, timings)
+        vector, results = await _search_upload(
+            pair, store, data, image.content_type, settings, metrics, top_k, expr, timings
+        )
+        pair.drift.observe(vector)
         _observe(metrics, timings)
         return _response(pair, results, started, timings)
 
@@ -326,9 +391,7 @@ async def add_product(
         rules = CatalogueRules.of_metadata(pair.metadata)
         _apply_rules(rules.check_product_id, product_id)
         _apply_rules(rules.check_fields, category, title, price)
-        vector, key = await _embed_upload(
-            pair, data, image.content_type, settings, metrics, timings, rules
-        )
+        vector, key = await _embed_upload(pair, data, image.content_type, settings, timings, rules)
         async with holder.admin_lock:  # see PairHolder.admin_lock
             owner = await asyncio.to_thread(store.row_by_image, pair.collection, key)
             if owner is not None and owner["product_id"] != product_id:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.batching import notify
 from serving.pair import ServingPair
 from serving.store import VectorStore, quote
 
@@ -134,6 +135,26 @@ async def search_vector(
             products_near, store, pair.collection, vector, top_k, pair.spec, filter_expr,
             min(MAX_FETCH, 2 * depth),
         )  # fmt: skip
+    timings["search"] = time.perf_counter() - started
+    started = time.perf_counter()
+    results = [shape_result(hit) for hit in found]
+    timings["fetch"] = time.perf_counter() - started
+    return results
+
+
+def search_here(
+    store: VectorStore,
+    pair: ServingPair,
+    vector: np.ndarray,
+    top_k: int,
+    filter_expr: str,
+    timings: dict[str, float],
+) -> list[dict[str, Any]]:
+    """As :func:`search_vector`, on the calling thread and without the search batcher: the
+    search of a lone request, done in its one job (see ``MicroBatcher.run_alone``)."""
+    started = time.perf_counter()
+    notify(pair.searcher.on_call, 1)
+    found = products_near(store, pair.collection, vector, top_k, pair.spec, filter_expr)
     timings["search"] = time.perf_counter() - started
     started = time.perf_counter()
     results = [shape_result(hit) for hit in found]

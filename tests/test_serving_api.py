@@ -324,7 +324,45 @@ def test_every_use_of_the_model_runs_on_the_model_thread(
     assert set(threads) == {"load", "warm_up", "embed"}
     (name,) = set().union(*threads.values())
     assert name.startswith("embed")
+    # With one model thread (here) a request never prepares on it: see MicroBatcher.run_alone.
     assert not any(thread.startswith("embed") for thread in preparing)
+
+
+def test_a_lone_search_is_one_job_on_a_model_thread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two model threads and nothing else to embed, a search decodes, embeds and
+    searches on one model thread (MicroBatcher.run_alone): no hand-offs between threads."""
+    import serving.pair
+    import serving.store
+
+    threads: dict[str, set[str]] = {}
+
+    class RecordingEmbedder(Embedder):
+        def embed_prepared(self, inputs):
+            threads.setdefault("embed", set()).add(threading.current_thread().name)
+            return super().embed_prepared(inputs)
+
+        def prepare(self, image):
+            threads.setdefault("prepare", set()).add(threading.current_thread().name)
+            return super().prepare(image)
+
+    search = serving.store.VectorStore.search
+
+    def recorded_search(self, *args, **kwargs):
+        threads.setdefault("search", set()).add(threading.current_thread().name)
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(serving.pair, "Embedder", RecordingEmbedder)
+    monkeypatch.setattr(serving.store.VectorStore, "search", recorded_search)
+    settings = world.settings(threads=1, embed_workers=2, canary_interval_s=0, cache_size=0)
+    with TestClient(create_app(settings)) as client:
+        _wait_ready(client)
+        threads.clear()  # loading prepared a test card
+        answer = _assert_good_search(client, world)
+    assert set(answer["stages_ms"]) == {"decode", "prepare", "embed", "search", "fetch"}
+    (name,) = set().union(*threads.values())
+    assert name.startswith("embed") and set(threads) == {"prepare", "embed", "search"}
 
 
 def test_invalid_parameters_are_422(client: TestClient, world: World) -> None:

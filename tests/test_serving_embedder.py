@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import threading
@@ -315,6 +316,100 @@ def test_workers_embed_that_many_batches_at_once(workers: int) -> None:
         assert [row[0] for row in results] == [0.0, 1.0, 2.0, 3.0]
     else:
         assert all(isinstance(result, threading.BrokenBarrierError) for result in results)
+
+
+def test_a_lone_job_runs_at_once_on_a_model_thread_while_another_stays_free() -> None:
+    """run_alone: idle with two workers, the job runs on a model thread; a request arriving
+    meanwhile is embedded on the other at once; with a job holding one of two threads, a
+    second lone job is refused (it would take the last one), and so is any with one worker."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def job(value: float) -> tuple[str, float]:
+        started.set()
+        assert release.wait(2.0)
+        return threading.current_thread().name, value
+
+    async def main() -> tuple:
+        batcher = MicroBatcher(_identity_embed, max_batch=4, max_wait_ms=0, workers=2)
+        lone_batcher = MicroBatcher(_identity_embed, workers=1)
+        try:
+            lone = asyncio.create_task(batcher.run_alone(job, 1.0))
+            await asyncio.to_thread(started.wait, 2.0)
+            second = await batcher.run_alone(job, 2.0)  # one thread left: not taken
+            arriving = await asyncio.wait_for(batcher.embed(5.0), 2.0)  # not behind the job
+            release.set()
+            one_worker = await lone_batcher.run_alone(job, 3.0)
+            return await lone, second, arriving, one_worker
+        finally:
+            await batcher.close()
+            await lone_batcher.close()
+
+    (alone, (thread, value)), second, arriving, one_worker = asyncio.run(main())
+    assert alone and value == 1.0 and thread.startswith("embed")
+    assert second == (False, None)
+    assert arriving.tolist() == [5.0, 1.0]
+    assert one_worker == (False, None)
+
+
+def test_a_lone_job_is_refused_while_requests_queue_and_its_error_reaches_the_caller() -> None:
+    gate = threading.Event()
+
+    def slow_embed(batch: list[float]) -> np.ndarray:
+        assert gate.wait(2.0)
+        return _identity_embed(batch)
+
+    def failing_job() -> None:
+        raise ValueError("corrupt upload")
+
+    async def main() -> tuple:
+        batcher = MicroBatcher(slow_embed, max_batch=1, max_wait_ms=0, workers=2)
+        try:
+            busy = [asyncio.create_task(batcher.embed(float(i))) for i in range(3)]
+            await asyncio.sleep(0.05)  # two embedding, one queued
+            refused = await batcher.run_alone(failing_job)
+            gate.set()
+            await asyncio.gather(*busy)
+            with pytest.raises(ValueError, match="corrupt upload"):
+                await batcher.run_alone(failing_job)
+            return refused, batcher._spare
+        finally:
+            await batcher.close()
+
+    refused, spare = asyncio.run(main())
+    assert refused == (False, None)
+    assert spare == 2  # the failed job gave its thread back
+
+
+def test_a_cancelled_lone_job_keeps_its_thread_until_it_ends() -> None:
+    """A caller cancelled while its lone job runs (a client gone, a shutdown): the job's model
+    thread counts as busy until the job has really ended, so no second lone job or batch is
+    promised a thread that is still working."""
+    started, release = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        assert release.wait(2.0)
+
+    async def main() -> tuple[int, int]:
+        batcher = MicroBatcher(_identity_embed, workers=2)
+        try:
+            caller = asyncio.create_task(batcher.run_alone(job))
+            await asyncio.to_thread(started.wait, 2.0)
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+            while_running = batcher._spare
+            release.set()
+            for _ in range(200):  # the job ends on its thread, then gives it back on the loop
+                if batcher._spare == 2:
+                    break
+                await asyncio.sleep(0.01)
+            return while_running, batcher._spare
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()) == (1, 2)
 
 
 def test_workers_must_be_positive() -> None:
