@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 ## Debian packages the browser test (chromium, chromium-driver) and the monitoring tests
 ## (prometheus, promtool, prometheus-pushgateway) use. Installed with apt-get when missing and
-## run as root; elsewhere their tests skip and say why.
+## run as root; elsewhere their tests skip and say why. jemalloc (libjemalloc2), which the
+## `vitrine` script preloads where present (components/runtime.py), is optional: if it cannot be
+## installed, glibc's malloc serves.
 SYSTEM_PACKAGES := chromium chromium-driver prometheus prometheus-pushgateway
 system-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
@@ -30,6 +32,14 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: $(SYSTEM_PACKAGES) missing and apt-get unavailable: their tests will skip"; fi
+	@if /sbin/ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libjemalloc2 with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        libjemalloc2 >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 \
+	        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        libjemalloc2 >/dev/null 2>&1; } || echo "note: libjemalloc2 not installed: glibc's malloc serves"; \
+	else echo "note: libjemalloc2 missing and apt-get unavailable: glibc's malloc serves"; fi
 
 ## The main job on embedded defaults (demo catalogue -> fine-tune -> evaluate, CPU).
 demo: setup
