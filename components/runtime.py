@@ -12,10 +12,11 @@ re-executed process also preloads it in place of glibc's malloc, set to keep the
 frees. A service's model threads forward batches of every size, and after a burst of large
 batches a thread's forward of one photo ran 15-30 % slower for minutes; a fresh thread of
 the same process did not, unless glibc had one arena for all threads: the allocator's
-per-thread state is part of it. jemalloc shrinks the slowdown but does not remove it. ``bench/bench_allocator.py``, 2026-11-25:
-one photo after the burst 12.7-13.4 ms under jemalloc against 14.5-15.7 under tuned glibc,
-and training 1.08x the images/s. ``VITRINE_ALLOCATOR=glibc`` keeps glibc's malloc (with the
-settings above); ``VITRINE_ALLOCATOR_TUNED=0`` turns all of this off.
+per-thread state is part of it. jemalloc shrinks the slowdown but does not remove it
+(``bench/bench_allocator.py``, 2026-11-25: one photo after the burst 12.7-13.4 ms under
+jemalloc against 14.5-15.7 under tuned glibc; training 1.08x the images/s).
+``VITRINE_ALLOCATOR=glibc`` keeps glibc's malloc (with the settings above);
+``VITRINE_ALLOCATOR_TUNED=0`` turns all of this off.
 """
 
 from __future__ import annotations
