@@ -160,6 +160,7 @@ class PairHolder:
         workers = embed_workers(s)
         # Loaded, warmed and run on the same threads (see MicroBatcher.executor).
         model_threads = ThreadPoolExecutor(workers, thread_name_prefix="embed")
+        lone_thread: ThreadPoolExecutor | None = None
         loop = asyncio.get_running_loop()
         try:
             embedder = await loop.run_in_executor(
@@ -171,8 +172,15 @@ class PairHolder:
                     f"{target} holds {metadata.get('dim')}"
                 )
             await loop.run_in_executor(model_threads, embedder.warm_up)
+            if workers > 1 and torch_threads(s) == 1 and s.device.startswith("cpu"):
+                # Lone requests' forwards on a thread of their own (see MicroBatcher). Only at
+                # one torch thread, where a forward starts no OpenMP team of its own.
+                lone_thread = ThreadPoolExecutor(1, thread_name_prefix="embed-lone")
+                await loop.run_in_executor(lone_thread, embedder.warm_up, (1,))
         except BaseException:
             model_threads.shutdown(wait=False)
+            if lone_thread is not None:
+                lone_thread.shutdown(wait=False)
             raise
         batcher = MicroBatcher(
             embedder.embed_prepared,
@@ -181,6 +189,7 @@ class PairHolder:
             on_batch=self.on_batch,
             workers=workers,
             executor=model_threads,
+            lone_executor=lone_thread,
         )
         return ServingPair(
             embedder=embedder,

@@ -125,17 +125,22 @@ async def _search_upload(
     timings: dict[str, float],
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """An upload's embedding and its ``top_k`` products. A recent identical upload's
-    embedding comes from the cache; a lone request (the model idle) is decoded, embedded and
-    searched as one job on a model thread; others are micro-batched."""
+    embedding comes from the cache; a lone request (the only one the service is answering,
+    the model idle) is decoded, embedded and searched as one job on a model thread; others are
+    micro-batched. The model idle is not enough: under load the batcher empties for moments,
+    and a job holds its model thread through decoding and search, which batched requests do
+    on other threads."""
     limits = _upload_limits(settings)
     check_content_type(content_type, limits)  # a cached upload is refused all the same
     key = digest(data)
     vector = pair.cache.get(key)
     metrics.cache.labels("hit" if vector is not None else "miss").inc()
     if vector is None:
-        alone, found = await pair.batcher.run_alone(
-            _search_alone, pair, store, data, content_type, limits, top_k, filter_expr
-        )
+        alone, found = False, None
+        if pair.in_flight == 1:  # the only request the service is answering: see run_alone
+            alone, found = await pair.batcher.run_alone(
+                _search_alone, pair, store, data, content_type, limits, top_k, filter_expr
+            )
         if alone:
             vector, results, lone_timings = found
             timings.update(lone_timings)

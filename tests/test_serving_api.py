@@ -362,7 +362,8 @@ def test_a_lone_search_is_one_job_on_a_model_thread(
         answer = _assert_good_search(client, world)
     assert set(answer["stages_ms"]) == {"decode", "prepare", "embed", "search", "fetch"}
     (name,) = set().union(*threads.values())
-    assert name.startswith("embed") and set(threads) == {"prepare", "embed", "search"}
+    # The model thread kept for lone jobs (one torch thread): it never forwards a large batch.
+    assert name.startswith("embed-lone") and set(threads) == {"prepare", "embed", "search"}
 
 
 def test_invalid_parameters_are_422(client: TestClient, world: World) -> None:

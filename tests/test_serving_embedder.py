@@ -381,6 +381,36 @@ def test_a_lone_job_is_refused_while_requests_queue_and_its_error_reaches_the_ca
     assert spare == 2  # the failed job gave its thread back
 
 
+def test_lone_jobs_run_on_their_own_thread_when_given_one_and_still_take_a_turn() -> None:
+    """With ``lone_executor``, run_alone's jobs run there (batches stay on the model threads),
+    still count as one of the model threads' turns, and close() shuts that thread down."""
+    import concurrent.futures
+
+    lone = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed-lone")
+    inside: list[int] = []
+
+    def job() -> str:
+        return threading.current_thread().name
+
+    async def main() -> tuple:
+        batcher = MicroBatcher(_identity_embed, workers=2, lone_executor=lone)
+
+        def spare_inside() -> str:
+            inside.append(batcher._spare)
+            return job()
+
+        alone, name = await batcher.run_alone(spare_inside)
+        embedded = await batcher.embed(3.0)
+        await batcher.close()
+        return alone, name, embedded
+
+    alone, name, embedded = asyncio.run(main())
+    assert alone and name.startswith("embed-lone") and inside == [1]
+    assert embedded.tolist() == [3.0, 1.0]
+    with pytest.raises(RuntimeError):  # shut down with the batcher
+        lone.submit(job)
+
+
 def test_a_cancelled_lone_job_keeps_its_thread_until_it_ends() -> None:
     """A caller cancelled while its lone job runs (a client gone, a shutdown): the job's model
     thread counts as busy until the job has really ended, so no second lone job or batch is
