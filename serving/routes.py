@@ -169,7 +169,7 @@ def _search_alone(
     vector = pair.embedder.embed_prepared([model_input])[0]
     timings["embed"] = time.perf_counter() - started
     notify(pair.batcher.on_batch, 1, timings["embed"])
-    results = search_here(store, pair, vector, top_k, filter_expr, timings)
+    results = search_here(pair, store, vector, top_k, filter_expr=filter_expr, timings=timings)
     return vector, results, timings
 
 

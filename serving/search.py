@@ -136,26 +136,24 @@ async def search_vector(
             min(MAX_FETCH, 2 * depth),
         )  # fmt: skip
     timings["search"] = time.perf_counter() - started
-    started = time.perf_counter()
-    results = [shape_result(hit) for hit in found]
-    timings["fetch"] = time.perf_counter() - started
-    return results
+    return _shaped(found, timings)
 
 
 def search_here(
-    store: VectorStore,
-    pair: ServingPair,
-    vector: np.ndarray,
-    top_k: int,
-    filter_expr: str,
-    timings: dict[str, float],
-) -> list[dict[str, Any]]:
+    pair: ServingPair, store: VectorStore, vector: np.ndarray, top_k: int, *,
+    filter_expr: str, timings: dict[str, float],
+) -> list[dict[str, Any]]:  # fmt: skip
     """As :func:`search_vector`, on the calling thread and without the search batcher: the
     search of a lone request, done in its one job (see ``MicroBatcher.run_alone``)."""
     started = time.perf_counter()
     notify(pair.searcher.on_call, 1)
     found = products_near(store, pair.collection, vector, top_k, pair.spec, filter_expr)
     timings["search"] = time.perf_counter() - started
+    return _shaped(found, timings)
+
+
+def _shaped(found: list[dict[str, Any]], timings: dict[str, float]) -> list[dict[str, Any]]:
+    """The results as the API answers them; ``timings["fetch"]``: the seconds it took."""
     started = time.perf_counter()
     results = [shape_result(hit) for hit in found]
     timings["fetch"] = time.perf_counter() - started
