@@ -67,7 +67,7 @@ def tuned_environment(
     Raises:
         ValueError: ``VITRINE_ALLOCATOR`` is not ``auto``, ``jemalloc`` or ``glibc``.
     """
-    choice = environ.get(ALLOCATOR_CHOICE, "auto").strip().lower() or "auto"
+    choice = _allocator_choice(environ)
     if choice not in ("auto", "jemalloc", "glibc"):
         raise ValueError(
             f"{ALLOCATOR_CHOICE}={environ[ALLOCATOR_CHOICE]!r}: use auto, jemalloc or glibc"
@@ -85,6 +85,11 @@ def tuned_environment(
     return env, "jemalloc"
 
 
+def _allocator_choice(environ: Mapping[str, str]) -> str:
+    """``VITRINE_ALLOCATOR`` as given (any case, spaces around), ``auto`` when unset."""
+    return environ.get(ALLOCATOR_CHOICE, "").strip().lower() or "auto"
+
+
 def reexec_with_tuned_allocator() -> None:
     """Re-run the current command with the allocator settings (Linux/glibc only).
 
@@ -98,10 +103,10 @@ def reexec_with_tuned_allocator() -> None:
         return
     jemalloc = find_jemalloc()
     env, chosen = tuned_environment(os.environ, jemalloc)
-    if os.environ.get(ALLOCATOR_CHOICE, "").strip().lower() == "jemalloc" and chosen != "jemalloc":
+    if _allocator_choice(os.environ) == "jemalloc" and chosen != "jemalloc":
         print(
             f"{ALLOCATOR_CHOICE}=jemalloc but no jemalloc library was found (looked for "
-            f"{', '.join(JEMALLOC_CANDIDATES)}); install libjemalloc2 (make setup does). "
+            f"{', '.join(JEMALLOC_CANDIDATES)}); install libjemalloc2 (make test does). "
             "Running with glibc's malloc.",
             file=sys.stderr,
         )

@@ -135,19 +135,19 @@ async def _search_upload(
     key = digest(data)
     vector = pair.cache.get(key)
     metrics.cache.labels("hit" if vector is not None else "miss").inc()
-    if vector is None:
-        alone, found = False, None
-        if pair.in_flight == 1:  # the only request the service is answering: see run_alone
-            alone, found = await pair.batcher.run_alone(
-                _search_alone, pair, store, data, content_type, limits, top_k, filter_expr
-            )
+    if vector is not None:
+        return vector, await search_vector(store, pair, vector, top_k, filter_expr, timings)
+    if pair.in_flight == 1:  # the only request the service is answering: see run_alone
+        alone, found = await pair.batcher.run_alone(
+            _search_alone, pair, store, data, content_type, limits, top_k, filter_expr
+        )
         if alone:
             vector, results, lone_timings = found
             timings.update(lone_timings)
             pair.cache.put(key, vector)
             return vector, results
-        vector = await _embed_decoded(pair, data, content_type, limits, timings)
-        pair.cache.put(key, vector)
+    vector = await _embed_decoded(pair, data, content_type, limits, timings)
+    pair.cache.put(key, vector)
     return vector, await search_vector(store, pair, vector, top_k, filter_expr, timings)
 
 
