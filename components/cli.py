@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the search service (API + merchandiser page) on the served collection",
         description=textwrap.fill(
             "Start the FastAPI search service: the page at /, the API under /v1, /healthz, "
-            "/readyz, /metrics and the OpenAPI schema at /docs. It serves the collection the "
+            "/readyz, /metrics, the API docs at /docs and the OpenAPI schema at "
+            "/openapi.json. It serves the collection the "
             "alias points at with the model that built it. Settings come from the VITRINE_* "
             "environment variables listed below (or a .env file); the options override them. "
             "Admin endpoints (rollout, product changes) are on only when VITRINE_ADMIN_TOKEN "

@@ -103,7 +103,7 @@ class IndexBuildConfig:
 
 
 def collection_name(model_version: str, now: datetime | None = None) -> str:
-    """``vitrine_<model>_<UTC time>``: names sort by build time."""
+    """``vitrine_<UTC time>_<model>``: names sort by build time."""
     stamp = (now or datetime.now(UTC)).strftime(_STAMP)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", model_version).strip("_")[:80]
     return f"{COLLECTION_PREFIX}{stamp}_{slug}"

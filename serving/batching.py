@@ -93,6 +93,7 @@ class MicroBatcher:
         self._closed = False
         self.workers = workers
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._lone_jobs: set[concurrent.futures.Future[Any]] = set()  # run_alone's, running
         self._free: asyncio.Semaphore | None = None  # model threads not embedding (or alone)
         self._spare = workers  # the same count, readable (a semaphore's is private)
         # The model's own threads: forwards never queue behind decodes and searches, which
@@ -154,14 +155,19 @@ class MicroBatcher:
     async def close(self) -> None:
         """Stop the background task after the batch in flight, failing queued requests.
 
-        A batch already handed to ``embed_fn`` completes (its thread cannot be interrupted);
-        requests still queued fail with :class:`RuntimeError`. Safe to call more than once.
+        A batch already handed to ``embed_fn`` completes (its thread cannot be interrupted),
+        and so does a :meth:`run_alone` job whose caller gave up: once this returns, nothing
+        of this batcher runs (a job searches the collection the caller must close after it).
+        Requests still queued fail with :class:`RuntimeError`. Safe to call more than once.
         """
         self._closed = True
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._lone_jobs:
+            jobs = [asyncio.wrap_future(job) for job in list(self._lone_jobs)]
+            await asyncio.gather(*jobs, return_exceptions=True)
         self._fail_pending()
         self._executor.shutdown(wait=False)
         self._lone_executor.shutdown(wait=False)
@@ -199,8 +205,10 @@ class MicroBatcher:
         await self._take()  # spare: does not wait
         loop = asyncio.get_running_loop()
         job = self._lone_executor.submit(fn, *args)
+        self._lone_jobs.add(job)
         # The thread is given back when the job has really ended: a caller cancelled while
         # it runs (a client gone, a shutdown) leaves the thread busy until then.
+        job.add_done_callback(self._lone_jobs.discard)
         job.add_done_callback(lambda _: _call_soon(loop, self._give))
         return True, await asyncio.wrap_future(job)
 

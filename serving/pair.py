@@ -211,12 +211,18 @@ class PairHolder:
         """
         async with self._rollout_lock:
             new = await self.load(collection)
-            # Admin changes made while the model loaded went into the collection but not into
-            # what the new pair read of it before: read again, with them held off until the
-            # swap (they take the admin lock), so none falls in between.
-            async with self.admin_lock:
-                await self._reread_catalogue(new)
-                old, self.current = self.current, new
+            try:
+                # Admin changes made while the model loaded went into the collection but not
+                # into what the new pair read of it before: read again, with them held off
+                # until the swap (they take the admin lock), so none falls in between.
+                async with self.admin_lock:
+                    await self._reread_catalogue(new)
+                    old, self.current = self.current, new
+            except BaseException:  # (Milvus went away meanwhile): the old pair goes on
+                await self._close_pair(new)
+                if not self._in_use(new.collection):
+                    await self._let_go(new.collection)
+                raise
             self.last_error = ""
             if old is not None:
                 self._draining.append(old)
@@ -241,7 +247,7 @@ class PairHolder:
     async def _retire(self, old: ServingPair) -> None:
         if old.in_flight:
             await old.drained.wait()
-        await old.batcher.close()
+        await self._close_pair(old)
         # Release the collection's client only when no pair answers from it and no rollout is
         # loading it: after A -> B -> A, the first A's retirement must not close the client
         # the second A uses.
@@ -250,13 +256,20 @@ class PairHolder:
             if not self._in_use(old.collection):
                 await self._let_go(old.collection)
 
+    @staticmethod
+    async def _close_pair(pair: ServingPair) -> None:
+        """Stop the pair's model threads and wait for its searches: what a request that gave
+        up left running (a lone job, a search call) still uses the pair's collection."""
+        await pair.batcher.close()
+        await pair.searcher.drain()
+
     async def close(self) -> None:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for pair in [self.current, *self._draining]:
             if pair is not None:
-                await pair.batcher.close()
+                await self._close_pair(pair)
         for collection in self._live_collections():
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self.store.release_hold, collection, self.lease_holder)

@@ -20,7 +20,7 @@ from serving.deps import AdminDep, HolderDep, MetricsDep, SettingsDep, StoreDep
 from serving.errors import ApiError, documented_errors
 from serving.pair import LIVE_METADATA, ServingPair
 from serving.search import image_url, milvus_filter, search_here, search_vector
-from serving.store import META_VALUE_CHARS, OUTPUT_FIELDS, metadata_value
+from serving.store import META_VALUE_CHARS, OUTPUT_FIELDS, StoreError, metadata_value
 from serving.uploads import (
     UploadLimits,
     check_content_type,
@@ -309,7 +309,8 @@ async def search_by_product(
     "/v1/products/{product_id:path}", tags=["catalogue"], responses=documented_errors(404, 422, 503)
 )
 async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
-    """A product's images and catalogue fields."""
+    """A product's catalogue fields (its extra ones as search results carry them) and
+    images."""
     async with holder.use() as pair:
         rows = await asyncio.to_thread(store.rows_of_product, pair.collection, product_id)
     if not rows:
@@ -320,6 +321,7 @@ async def product(product_id: str, holder: HolderDep, store: StoreDep) -> dict:
         "title": first.get("title", ""),
         "category": first.get("category", ""),
         "price": first.get("price", 0.0),
+        "extra": _extras_of(rows),
         "images": [{"image_id": r["image_id"], "image_url": image_url(r)} for r in rows],
     }
 
@@ -564,7 +566,9 @@ async def _catalogue_changed(
 
 
 @router.post(
-    "/v1/admin/rollout", tags=["admin"], responses=documented_errors(401, 403, 404, 409, 422)
+    "/v1/admin/rollout",
+    tags=["admin"],
+    responses=documented_errors(401, 403, 404, 409, 422, 503),
 )
 async def rollout(
     _: AdminDep,
@@ -589,6 +593,9 @@ async def rollout(
     except (LookupError, ModelPackageError, ValueError) as err:
         metrics.rollouts.labels("refused").inc()
         raise ApiError(409, "rollout_refused", f"{err}; still serving the previous pair") from err
+    except StoreError:  # Milvus unreachable (503): the previous pair goes on all the same
+        metrics.rollouts.labels("refused").inc()
+        raise
     metrics.rollouts.labels("done").inc()
     metrics.set_serving(
         new.model_version, new.collection, new.spec.index_type, new.metadata.get("rows", 0)
@@ -638,11 +645,13 @@ async def readyz(holder: HolderDep, store: StoreDep, metrics: MetricsDep) -> JSO
 async def check_readiness(holder: Any, store: Any, metrics: Any) -> tuple[bool, str]:
     """Whether the service can answer searches now, and why not; sets ``vitrine_ready`` (the
     service also calls this every few seconds, so the gauge moves without /readyz calls)."""
-    pair = holder.current
-    if pair is None:
+    if holder.current is None:
         reason = holder.last_error or "nothing loaded yet"
     else:
-        reason = await asyncio.to_thread(store.why_not_ready, pair.collection)
+        # Held like a request's: a rollout does not retire the pair (and close its
+        # collection) while it is being checked, which would open it again.
+        async with holder.use() as pair:
+            reason = await asyncio.to_thread(store.why_not_ready, pair.collection)
     metrics.ready.set(0 if reason else 1)
     return not reason, reason
 

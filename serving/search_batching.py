@@ -76,22 +76,30 @@ class SearchBatcher:
         return await future
 
     def _send(self, key: _Key) -> None:
-        queue = self._pending.get(key)
-        if not queue or self._in_flight.get(key, 0) >= self.max_in_flight:
-            return
-        batch = [(v, f) for v, f in queue[: self.max_batch] if not f.done()]  # skip cancelled
-        rest = queue[self.max_batch :]
-        if rest:
-            self._pending[key] = rest
-        else:
-            del self._pending[key]
-        if not batch:
-            self._send(key)
-            return
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._call(key, self._specs[key], batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Send the queued searches of ``key``, ``max_batch`` to a call, while fewer than
+        ``max_in_flight`` of its calls run."""
+        while self._in_flight.get(key, 0) < self.max_in_flight:
+            queue = self._pending.get(key)
+            if not queue:
+                return
+            batch = [(v, f) for v, f in queue[: self.max_batch] if not f.done()]  # skip cancelled
+            rest = queue[self.max_batch :]
+            if rest:
+                self._pending[key] = rest
+            else:
+                del self._pending[key]
+            if not batch:
+                continue
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            task = asyncio.get_running_loop().create_task(self._call(key, self._specs[key], batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Until every call sent has returned (a caller that gave up leaves its call running:
+        its collection must stay open until then)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _call(
         self, key: _Key, spec: Any, batch: list[tuple[np.ndarray, asyncio.Future[Hits]]]

@@ -435,8 +435,12 @@ class VectorStore:
         """Drop a cached client so the next call reconnects (after an outage).
 
         Lite: once no client of this process holds the collection's file any more, its
-        in-process server is stopped, which releases the file lock.
+        in-process server is stopped, which releases the file lock. A server: its one client
+        serves every collection, so only ``forget()`` (no collection) or :meth:`close` drops
+        it; forgetting a retired collection must not cut off the searches of the current one.
         """
+        if not self.embedded and collection is not None:
+            return
         key = collection if self.embedded else ""
         with self._lock:
             client = self._clients.pop(key, None)

@@ -185,6 +185,7 @@ def test_a_new_photo_of_a_product_takes_its_extra_fields(branded: httpx.Client) 
     files = {"image": ("q.jpg", photo, "image/jpeg")}
     first = _ok(branded.post("/v1/search/image", files=files, data={"top_k": "1"}))["results"][0]
     assert (first["product_id"], first["extra"]) == ("P00001", {"brand": "brand-P00001"})
+    assert _ok(branded.get("/v1/products/P00001"))["extra"] == {"brand": "brand-P00001"}
 
 
 def test_the_canary_leaves_out_products_removed_since_the_build(branded: httpx.Client) -> None:

@@ -303,6 +303,23 @@ def test_reads_see_the_writes_before_them(server: MilvusTestServer) -> None:
         store.close()
 
 
+def test_letting_go_of_a_retired_collection_keeps_the_client_of_the_current_one(
+    server: MilvusTestServer,
+) -> None:
+    """On a server one client serves every collection: a rollout retiring the old collection
+    (``forget(old)``) must not close the client the new pair's searches are using."""
+    store = VectorStore(server.uri, alias=TEST_ALIAS)
+    try:
+        current = store._client("vitrine_current")
+        store.forget("vitrine_retired")
+        assert store._client("vitrine_current") is current
+        assert isinstance(current.list_collections(), list)  # still connected
+        store.forget()  # no collection: the client itself goes (as close() does)
+        assert store._client("vitrine_current") is not current
+    finally:
+        store.close()
+
+
 def test_a_frozen_server_is_reported_unavailable_within_the_store_timeout(
     server: MilvusTestServer,
 ) -> None:

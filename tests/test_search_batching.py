@@ -123,6 +123,45 @@ def test_max_batch_splits_a_crowd_into_calls() -> None:
     assert sorted(n for _, n, _, _ in recorder.calls) == [2, 4, 4]
 
 
+def test_a_crowd_larger_than_max_batch_goes_in_parallel_calls() -> None:
+    """Sixteen searches at once with max_batch 4 are four calls running together, not one
+    call at a time (the ones beyond the first batch used to wait for it)."""
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def main() -> None:
+        batcher = SearchBatcher(recorder, max_batch=4, max_in_flight=4)
+        searches = [
+            asyncio.ensure_future(batcher.search("c", _vector(i), 1, SPEC)) for i in range(16)
+        ]
+        for _ in range(500):
+            if len(recorder.calls) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert len(recorder.calls) == 4  # all four running before any returns
+        gate.set()
+        await asyncio.gather(*searches)
+
+    asyncio.run(main())
+    assert [n for _, n, _, _ in recorder.calls] == [4, 4, 4, 4]
+
+
+def test_drain_waits_for_calls_whose_callers_gave_up() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def main() -> None:
+        batcher, first = await _first_call_held(recorder)
+        first.cancel()  # the caller goes; its call still runs against the collection
+        draining = asyncio.ensure_future(batcher.drain())
+        await asyncio.sleep(0.05)
+        assert not draining.done()
+        gate.set()
+        await asyncio.wait_for(draining, 5)
+
+    asyncio.run(main())
+
+
 def test_a_failed_call_fails_its_searches_and_the_next_ones_still_run() -> None:
     failing = Recorder(fail=True)
 

@@ -855,6 +855,85 @@ def test_rollout_without_its_model_is_refused(
     assert 'vitrine_rollouts_total{outcome="refused"}' in client.get("/metrics").text
 
 
+def _not_served(client: TestClient, world: World, second: dict) -> str:
+    """Whichever of the two built collections the service is not answering from."""
+    serving = _pair(_ok(client.get("/v1/info")))[1]
+    return (
+        second["collection"] if serving == world.first["collection"] else world.first["collection"]
+    )
+
+
+def _rollouts_refused(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('vitrine_rollouts_total{outcome="refused"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_rollout_failing_after_the_load_lets_go_of_what_it_opened(
+    client: TestClient, world: World, second: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Milvus going away between loading the new pair and the swap: a 503, counted as a
+    refused rollout, the previous pair serving on, and the target collection's client (a
+    Milvus Lite file lock) closed rather than kept until a restart."""
+    from serving.pair import PairHolder
+    from serving.store import StoreUnavailable
+
+    serving = _pair(_ok(client.get("/v1/info")))
+    target = _not_served(client, world, second)
+    refused = _rollouts_refused(client)
+
+    async def milvus_gone(self: PairHolder, pair: object) -> None:
+        raise StoreUnavailable("Milvus went away during the rollout")
+
+    monkeypatch.setattr(PairHolder, "_reread_catalogue", milvus_gone)
+    _error(client.post("/v1/admin/rollout", json={"collection": target}, headers=ADMIN), 503)
+    monkeypatch.undo()
+    assert _pair(_ok(client.get("/v1/info"))) == serving
+    assert _pair(_assert_good_search(client, world)) == serving
+    assert target not in client.app.state.store._clients
+    assert _rollouts_refused(client) == refused + 1
+
+
+def test_a_readiness_check_holds_its_pair_through_a_rollout(
+    client: TestClient, world: World, second: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A readiness check in progress when a rollout swaps pairs keeps the old pair (and its
+    collection) until it ends, as a request does: retired under it, the check would open the
+    collection again, outside any pair, and report it not loaded."""
+    store, holder = client.app.state.store, client.app.state.holder
+    target = _not_served(client, world, second)
+    entered, release = threading.Event(), threading.Event()
+    check_ready = VectorStore.why_not_ready
+
+    def held_up(self: VectorStore, collection: str | None = None) -> str:
+        entered.set()
+        assert release.wait(30)
+        return check_ready(self, collection)
+
+    monkeypatch.setattr(VectorStore, "why_not_ready", held_up)
+    old = holder.current
+    with ThreadPoolExecutor(2) as pool:
+        checking = pool.submit(client.get, "/readyz")
+        try:
+            assert entered.wait(30)
+            rolled = pool.submit(
+                client.post, "/v1/admin/rollout", json={"collection": target}, headers=ADMIN
+            )
+            assert _ok(rolled.result(60))["serving"]["collection"] == target
+            time.sleep(0.2)  # a retirement has every chance to run now
+            assert old.collection in store._clients  # still held by the check
+        finally:
+            release.set()
+        assert checking.result(60).status_code == 200
+    monkeypatch.undo()
+    deadline = time.monotonic() + 10
+    while old.collection in store._clients and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert old.collection not in store._clients  # retired once the check let go
+    assert _wait_ready(client)["collection"] == target
+
+
 def test_vitrine_rollout_without_a_token_says_which_to_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

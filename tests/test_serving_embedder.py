@@ -442,6 +442,34 @@ def test_a_cancelled_lone_job_keeps_its_thread_until_it_ends() -> None:
     assert asyncio.run(main()) == (1, 2)
 
 
+def test_close_waits_for_a_lone_job_whose_caller_gave_up() -> None:
+    """A lone job searches the pair's collection: a rollout closes that collection after the
+    batcher, so close() returns only once such a job has ended, caller cancelled or not."""
+    started, release = threading.Event(), threading.Event()
+    ended = threading.Event()
+
+    def job() -> None:
+        started.set()
+        assert release.wait(2.0)
+        ended.set()
+
+    async def main() -> bool:
+        batcher = MicroBatcher(_identity_embed, workers=2)
+        caller = asyncio.create_task(batcher.run_alone(job))
+        await asyncio.to_thread(started.wait, 2.0)
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # the job still runs
+        release.set()
+        await asyncio.wait_for(closing, 5)
+        return ended.is_set()
+
+    assert asyncio.run(main())
+
+
 def test_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="workers"):
         MicroBatcher(_identity_embed, workers=0)
