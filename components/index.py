@@ -257,16 +257,21 @@ def build_index(
     seconds: dict[str, float] = {}
     version = package_version(package_dir)
     all_rows = catalogue_rows(validated_manifest)
-    vectors, kept = embed_catalogue(all_rows, package_dir, config, progress)
-    rows = [all_rows[i] for i in kept]
-    check_readable(all_rows, kept, config.max_unreadable, validated_manifest)
+    store = VectorStore(config.uri, alias=config.alias)
+    try:
+        store.check()  # before embedding the catalogue (an hour, for a large one)
+        served_at_start = store.alias_target()
+        vectors, kept = embed_catalogue(all_rows, package_dir, config, progress)
+        rows = [all_rows[i] for i in kept]
+        check_readable(all_rows, kept, config.max_unreadable, validated_manifest)
+    except BaseException:
+        store.close()
+        raise
     seconds["embed"] = time.perf_counter() - started
 
-    store = VectorStore(config.uri, alias=config.alias)
     name = collection_name(version)
     tick = time.perf_counter()
     try:
-        served_at_start = store.alias_target()
         store.create_collection(name, int(vectors.shape[1]))
         with tqdm(total=len(rows), desc="inserting", unit="row", disable=not progress) as bar:
             for offset, batch in enumerate(rows_in_batches(rows, config.insert_batch)):
@@ -321,9 +326,14 @@ def build_index(
         store.drop(name)
         store.close()
         raise
-    previous = store.point_alias(name)
-    if previous != card["replaced"]:  # another build moved the alias in between
-        store.set_card(name, {**card, "replaced": previous})
+    try:
+        with store.alias_lock():  # one alias move or clean-up at a time (see alias_lock)
+            previous = store.point_alias(name)
+            if previous != card["replaced"]:  # another build moved the alias in between
+                store.set_card(name, {**card, "replaced": previous})
+            removed = cleanup_collections(store, config.keep_collections, previous)
+    finally:
+        store.close()
     if previous != served_at_start:
         log.warning(
             "alias %s moved while this build ran (%s -> %s: another build, or a rollback); "
@@ -335,8 +345,6 @@ def build_index(
             previous,
             previous,
         )
-    removed = cleanup_collections(store, config.keep_collections, previous)
-    store.close()
     seconds["total"] = time.perf_counter() - started
     summary = {
         "collection": name,
@@ -375,17 +383,18 @@ def service_yardsticks(
     return {"canary": canary, "drift": drift_reference(vectors, config.drift_window)}
 
 
-def _build_record(store: VectorStore, name: str) -> tuple[bool, dict[str, Any]]:
+def _build_record(store: VectorStore, name: str) -> tuple[bool | None, dict[str, Any]]:
     """Whether a build finished ``name`` (a killed build never records its metadata), and
     what it recorded: its card, or for a collection built before cards the same facts from
-    its metadata."""
+    its metadata. None: it cannot be told (another process holds a collection without a
+    card: a build still running, or a service on a collection built before cards)."""
     card = store.card(name)  # written after the metadata, readable without opening ``name``
     if card:
         return True, card
     try:
         build = store.recorded(name)
-    except StoreUnavailable:  # held by another process (Lite file lock): assume it is whole
-        return True, {}
+    except StoreUnavailable:  # held by another process (Lite file lock)
+        return None, {}
     except StoreError:  # no companion collection: the build died before creating it
         return False, {}
     facts = {
@@ -397,8 +406,9 @@ def _build_record(store: VectorStore, name: str) -> tuple[bool, dict[str, Any]]:
 
 
 def _finished(store: VectorStore, name: str) -> bool:
-    """Whether a build recorded its metadata in ``name`` (a killed build never does)."""
-    return _build_record(store, name)[0]
+    """Whether a build recorded its metadata in ``name`` (a killed build never does; one
+    that cannot be told is not taken for finished: the alias must never go to it)."""
+    return _build_record(store, name)[0] is True
 
 
 def _built_at(name: str) -> datetime | None:
@@ -464,6 +474,11 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
     collections older than the served one, and unfinished ones (killed builds). Returns the
     dropped names, oldest first.
     """
+    with store.alias_lock():  # no rollback or other build moves the alias meanwhile
+        return _clean_up(store, keep, previous)
+
+
+def _clean_up(store: VectorStore, keep: int, previous: str | None) -> list[str]:
     served = store.alias_target()
     names = store.collections()
     if served not in names:
@@ -489,9 +504,15 @@ def cleanup_collections(store: VectorStore, keep: int, previous: str | None = No
             else:
                 doomed.append(name)
     doomed.sort()  # oldest first
+    dropped = []
     for name in doomed:
+        # A server has no alias lock: a rollback may have moved the alias here meanwhile.
+        if not store.embedded and store.alias_target() == name:
+            log.warning("alias %s moved to %s during the clean-up: kept", store.alias, name)
+            continue
         store.drop(name)
-    return doomed
+        dropped.append(name)
+    return dropped
 
 
 def rollback_index(config: IndexBuildConfig | None = None, to: str | None = None) -> dict[str, Any]:
@@ -505,33 +526,44 @@ def rollback_index(config: IndexBuildConfig | None = None, to: str | None = None
     config = config or IndexBuildConfig()
     store = VectorStore(config.uri, alias=config.alias)
     try:
-        served = store.alias_target()
-        names = store.collections()
-        if to is not None:
-            if to not in names or not _finished(store, to):
-                raise RuntimeError(
-                    f"{to} is not a finished collection in {config.uri}; "
-                    "`vitrine index --list` shows the ones kept"
-                )
-            target = to
-        else:
-            target = next(iter(rollback_order(store, served, names, 1)), None)
-        if target is None:
-            raise RuntimeError(
-                f"nothing to roll back to: alias {config.alias} serves {served} and no older "
-                f"finished collection is kept in {config.uri}"
-            )
-        if store.embedded:
-            # Lite loads a collection per process, so loading it here would serve nobody, and
-            # fail while a running service (the one to switch back) has it open.
-            details = {**_recorded_or_empty(store, target), **store.card(target)}
-        else:
-            store.load(target)  # a server's services search it as soon as they roll out
-            details = store.metadata(target)
-        store.point_alias(target)
-        return {"alias": config.alias, "collection": target, "previous": served, **details}
+        with store.alias_lock():  # no build's clean-up drops the target meanwhile
+            return _roll_back(store, config, to)
     finally:
         store.close()
+
+
+def _roll_back(store: VectorStore, config: IndexBuildConfig, to: str | None) -> dict[str, Any]:
+    served = store.alias_target()
+    names = store.collections()
+    if to is not None:
+        finished = _build_record(store, to)[0] if to in names else False
+        if finished is None:
+            raise RuntimeError(
+                f"{to} is open in another process and records no finished build: it may be a "
+                "build still running; roll back to it once that build is done"
+            )
+        if not finished:
+            raise RuntimeError(
+                f"{to} is not a finished collection in {config.uri}; "
+                "`vitrine index --list` shows the ones kept"
+            )
+        target = to
+    else:
+        target = next(iter(rollback_order(store, served, names, 1)), None)
+    if target is None:
+        raise RuntimeError(
+            f"nothing to roll back to: alias {config.alias} serves {served} and no older "
+            f"finished collection is kept in {config.uri}"
+        )
+    if store.embedded:
+        # Lite loads a collection per process, so loading it here would serve nobody, and
+        # fail while a running service (the one to switch back) has it open.
+        details = {**_recorded_or_empty(store, target), **store.card(target)}
+    else:
+        store.load(target)  # a server's services search it as soon as they roll out
+        details = store.metadata(target)
+    store.point_alias(target)
+    return {"alias": config.alias, "collection": target, "previous": served, **details}
 
 
 def list_collections(config: IndexBuildConfig | None = None) -> list[dict[str, Any]]:

@@ -78,6 +78,11 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+# HTTP methods that get a label of their own; any other (a server parser less strict than
+# httptools lets any token through) counts as "other", so labels stay few.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Measure:
     """Count every HTTP request and time it, by route template, method and status.
 
@@ -109,7 +114,8 @@ class Measure:
             # without converters (``{product_id}``, not ``{product_id:path}``).
             path = getattr(scope.get("route"), "path_format", "unmatched")
             metrics = self.metrics()
-            labels = (path, scope["method"], str(status))
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            labels = (path, method, str(status))
             metrics.requests.labels(*labels).inc()
             metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 

@@ -24,7 +24,14 @@ from serving.canary import DriftMonitor
 from serving.embedder import Embedder
 from serving.search_batching import SearchBatcher
 from serving.settings import embed_workers, torch_threads
-from serving.store import IndexSpec, StoreError, VectorStore, spec_from_dict
+from serving.store import (
+    LEASE_PREFIX,
+    META_KEY_CHARS,
+    IndexSpec,
+    StoreError,
+    VectorStore,
+    spec_from_dict,
+)
 
 log = logging.getLogger(__name__)
 # The metadata key of what admin changes made of a collection since its build (its categories).
@@ -62,6 +69,15 @@ class ServingPair:
         }
 
 
+def lease_holder_name() -> str:
+    """A name for this replica's leases that fits a metadata key: the host name (a pod's can
+    be 63 characters) cut short, the process id and a random part, which keeps two replicas
+    whose names share the kept prefix apart. A key too long would not be written, and the
+    clean-up would drop a collection this replica answers from."""
+    room = META_KEY_CHARS - len(LEASE_PREFIX) - len("-4194304-") - 8  # the largest Linux pid
+    return f"{socket.gethostname()[:room]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 class PairHolder:
     """Holds the current pair; hands it to requests; swaps it on rollout."""
 
@@ -83,7 +99,7 @@ class PairHolder:
         self._retiring: set[asyncio.Task[None]] = set()
         # This replica's name in the leases it holds on a server's collections (see
         # VectorStore.hold): the index step's clean-up spares what a service answers from.
-        self.lease_holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_holder = lease_holder_name()
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[ServingPair]:

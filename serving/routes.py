@@ -352,14 +352,19 @@ def _sniff_image_type(path: Path) -> str | None:
 
 
 @router.get("/v1/info", tags=["service"], responses=documented_errors(503))
-async def info(holder: HolderDep) -> dict:
-    """The model and collection being served, and the catalogue's categories."""
+async def info(holder: HolderDep, settings: SettingsDep) -> dict:
+    """The model and collection being served, the catalogue's categories, and how large an
+    uploaded photo may be (the page scales a larger one down before sending it)."""
     async with holder.use() as pair:
         return {
             **pair.describe(),
             "categories": pair.metadata.get("categories", []),
             "canary": pair.canary,
             "drift": pair.drift.describe(),
+            "upload_limits": {
+                "max_bytes": settings.max_upload_bytes,
+                "max_pixels": settings.max_upload_pixels,
+            },
         }
 
 

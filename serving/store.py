@@ -23,7 +23,8 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,19 @@ log = logging.getLogger(__name__)
 COLLECTION_PREFIX = "vitrine_"
 DEFAULT_ALIAS = "vitrine_products"
 META_VALUE_CHARS = 65535  # one metadata document (VARCHAR's limit)
+META_KEY_CHARS = 64  # a metadata document's key (the companion's primary key)
 CARD_KEY = "card"  # metadata key of a collection's card on a server (see VectorStore.set_card)
 CARD_SUFFIX = ".card.json"  # its file beside a Milvus Lite collection's
+TRASH_FOLDER = ".dropped"  # where a Lite collection's files go to be deleted (see drop)
 # On a server, a service that answers from a collection says so in the collection's metadata
 # (a lease, renewed every LEASE_EVERY_S; one older than LEASE_TTL_S is a service that died),
 # as a Milvus Lite file lock does, so that no index clean-up drops it under the service.
 LEASE_PREFIX = "lease:"
 LEASE_EVERY_S = 30.0
 LEASE_TTL_S = 120.0
+# How long alias moves and clean-ups wait for another one (another build, a rollback) on
+# the same Milvus Lite folder before giving up.
+ALIAS_LOCK_WAIT_S = 600.0
 # Dense-vector index types Milvus Lite may build, best first for catalogue-sized collections
 # (graph, then quantised graph, then inverted lists, then exact). No DiskANN: Lite 3.2.2 takes
 # the request, then fails to index segments and to load after a restart.
@@ -325,6 +331,9 @@ class VectorStore:
         self._lite_paths: dict[str, str] = {}  # collection -> the .db path its client holds
         self._lite_uris: dict[str, str] = {}  # collection -> what its client connected to
         self._lock = threading.RLock()
+        self._alias_guard = threading.RLock()  # alias_lock: this store's holders, re-entrant
+        self._alias_depth = 0
+        self._alias_file: Any = None
 
     # --- connections -------------------------------------------------------------------
 
@@ -384,6 +393,54 @@ class VectorStore:
             if _LITE_OPEN.get(path) or path in _LITE_CHILDREN:
                 return False  # this process (or its own Lite child) holds it
             return _locked_by_another_process(Path(path) / "LOCK")
+
+    def check(self) -> None:
+        """Fail now, with what to do, if this store cannot be used: a Milvus Lite folder that
+        cannot be created (the path is a file, say) or a server that does not answer. The
+        index step calls it before embedding a catalogue, which can take an hour.
+
+        Raises:
+            StoreError: The Lite folder cannot be made.
+            StoreUnavailable: The server cannot be reached.
+        """
+        if not self.embedded:
+            self._call(None, "list_collections")
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(
+                f"{self.uri} cannot be a Milvus Lite folder ({err}): give --uri a folder path "
+                "(it is created if missing) or http://host:19530 for a Milvus server"
+            ) from err
+
+    @contextlib.contextmanager
+    def alias_lock(self) -> Iterator[None]:
+        """Hold the alias against other alias moves and clean-ups of this Milvus Lite folder
+        (another build, a rollback, in any process): what reads the alias target, decides
+        and acts on it (move it, drop collections it does not point at) runs under it.
+        Re-entrant within this store. A server has no such lock: its alias moves are atomic,
+        and the clean-up reads the target again before each drop.
+
+        Raises:
+            StoreError: Another process held it for :data:`ALIAS_LOCK_WAIT_S`.
+        """
+        if not self.embedded:
+            yield
+            return
+        with self._alias_guard:
+            if self._alias_depth == 0:
+                self._alias_file = _take_file_lock(
+                    self.folder / f"{self.alias}.lock", ALIAS_LOCK_WAIT_S
+                )
+            self._alias_depth += 1
+            try:
+                yield
+            finally:
+                self._alias_depth -= 1
+                if self._alias_depth == 0:
+                    self._alias_file.close()  # closing the file releases its lock
+                    self._alias_file = None
 
     def _lite_uri(self, path: str) -> str:
         """What ``MilvusClient`` opens for a Lite database: the path itself (Lite on threads of
@@ -495,7 +552,9 @@ class VectorStore:
                     return f"alias {self.alias} points at no collection in {self.uri}"
                 self._call(None, "list_collections")
                 return ""
-            if not self._call(target, "has_collection", target):
+            gone = self.embedded and not (self.folder / f"{target}.db").exists()
+            # (Lite: opening a missing collection's file would create an empty one.)
+            if gone or not self._call(target, "has_collection", target):
                 return (
                     f"collection {target} is gone from {self.uri} (dropped?): roll out another "
                     "with `vitrine rollout`"
@@ -543,7 +602,7 @@ class VectorStore:
         # measured by bench/bench_index.py --server). Lite ignores the setting.
         self._call(name, "create_collection", name, schema=schema, consistency_level="Session")
         meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=META_KEY_CHARS)
         meta.add_field("value", DataType.VARCHAR, max_length=META_VALUE_CHARS)
         meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
         params = self._client(name).prepare_index_params()
@@ -795,20 +854,27 @@ class VectorStore:
         self._call(name, "load_collection", name)
 
     def drop(self, name: str) -> None:
-        """Delete a collection (Lite: its file) and its metadata."""
+        """Delete a collection (Lite: its files) and its metadata, so that a drop killed
+        half-way never leaves a half-deleted collection that a rollback would take for whole.
+        Lite: its card goes first, then its files move into a trash folder in one rename
+        each (the collection is gone at once) and the trash is emptied, with whatever a
+        killed drop left there. A server: its metadata goes first (an unfinished collection
+        is left, which the next clean-up removes)."""
         if self.embedded:
             self.forget(name)
             # Stop the file's server even if another store of this process still has it open:
             # its files are about to go, and nothing may keep serving (or locking) them.
             _release_lite(os.path.abspath(self.folder / f"{name}.db"), force=True)
-            for path in self.folder.glob(f"{name}.db*"):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            if not self.folder.is_dir():
+                return
             (self.folder / f"{name}{CARD_SUFFIX}").unlink(missing_ok=True)
+            trash = self.folder / TRASH_FOLDER
+            trash.mkdir(exist_ok=True)
+            for path in self.folder.glob(f"{name}.db*"):
+                os.replace(path, trash / f"{path.name}.{uuid.uuid4().hex}")
+            shutil.rmtree(trash, ignore_errors=True)
             return
-        for target in (name, f"{name}_meta"):
+        for target in (f"{name}_meta", name):
             if self._call(None, "has_collection", target):
                 self._call(None, "drop_collection", target)
 
@@ -836,7 +902,8 @@ class VectorStore:
         if self.embedded:
             self.folder.mkdir(parents=True, exist_ok=True)
             pointer = self.folder / f"{self.alias}.alias"
-            staging = pointer.with_suffix(".alias.tmp")
+            # A staging file of its own: two moves at once must not swap each other's.
+            staging = pointer.with_name(f"{pointer.name}.{os.getpid()}.{threading.get_ident()}")
             staging.write_text(name + "\n")
             os.replace(staging, pointer)  # atomic on POSIX: readers see old or new, never half
         elif previous is None:
@@ -970,6 +1037,28 @@ def metadata_value(document: dict[str, Any]) -> str:
     """A metadata document as :meth:`VectorStore.set_metadata` stores it (at most
     :data:`META_VALUE_CHARS` characters)."""
     return json.dumps(document, default=str)
+
+
+def _take_file_lock(path: Path, wait_s: float) -> Any:
+    """An open file holding an exclusive ``flock`` on ``path`` (closing it releases the lock;
+    so does the process ending), waiting up to ``wait_s`` for another holder."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise StoreError(
+                    f"{path} stayed locked for {wait_s:.0f} s: another `vitrine index` (a build "
+                    "or a rollback) is moving the alias or cleaning up; try again when it ends"
+                ) from None
+            time.sleep(0.1)
 
 
 def _release_lite(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +32,9 @@ from serving.lite_process import LiteProcess
 from serving.store import (
     COLLECTION_PREFIX,
     DEFAULT_ALIAS,
+    TRASH_FOLDER,
     IndexConfig,
+    StoreError,
     StoreUnavailable,
     VectorStore,
 )
@@ -384,3 +387,112 @@ def test_a_collection_open_in_this_process_is_not_held_elsewhere(
         assert VectorStore(config.uri).held_elsewhere(name) is True
     finally:
         holder.stop()
+
+
+def test_rollback_refuses_a_collection_another_process_holds_without_a_finished_build(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    """A build still running holds its collection and has recorded nothing: the alias must
+    not go to it (it may fail its verification and be dropped)."""
+    config = _config(tmp_path)
+    served = _build(validated, package, config)["collection"]
+    running = _orphan(config, collection_name("running"))
+    holder = _hold(config, running)
+    try:
+        with pytest.raises(RuntimeError, match="may be a build still running"):
+            rollback_index(config, to=running)
+        listed = {entry["collection"]: entry for entry in list_collections(config)}
+        assert listed[running]["finished"] is None  # cannot be told, not "finished"
+    finally:
+        holder.stop()
+    with pytest.raises(RuntimeError, match="not a finished collection"):
+        rollback_index(config, to=running)  # released: known unfinished
+    assert _served(config) == served
+
+
+def test_alias_moves_wait_for_a_clean_up_in_progress(
+    tmp_path: Path, validated: Path, package: Path
+) -> None:
+    """A rollback landing while a build cleans up (or moves the alias) waits for it: it
+    could otherwise point the alias at a collection the clean-up is about to drop."""
+    config = _config(tmp_path)
+    first = _build(validated, package, config)["collection"]
+    second = _build(validated, package, config)["collection"]
+    cleaning = VectorStore(config.uri, alias=config.alias)
+    rolled: dict = {}
+    with cleaning.alias_lock():  # what a build holds through its alias move and clean-up
+        thread = threading.Thread(target=lambda: rolled.update(rollback_index(config)))
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive() and _served(config) == second  # waiting
+    thread.join(30)
+    assert not thread.is_alive() and rolled["collection"] == first == _served(config)
+    cleaning.close()
+
+
+def test_two_alias_moves_at_once_each_land_whole(tmp_path: Path) -> None:
+    """Each move writes a staging file of its own: concurrent moves never swap each other's
+    file (the alias ends at one of the targets, and no move fails)."""
+    folder = tmp_path / "milvus"
+    names = [f"{COLLECTION_PREFIX}20240601T00000000000{n}_m" for n in range(4)]
+    errors: list[BaseException] = []
+
+    def move(name: str) -> None:
+        store = VectorStore(str(folder))
+        try:
+            for _ in range(200):
+                store.point_alias(name)
+        except BaseException as err:  # collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=move, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert VectorStore(str(folder)).alias_target() in names
+    assert [p.name for p in folder.iterdir()] == [f"{DEFAULT_ALIAS}.alias"]  # no staging left
+
+
+def test_a_bad_uri_fails_before_the_catalogue_is_embedded(
+    tmp_path: Path, validated: Path, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = tmp_path / "milvus"
+    not_a_folder.write_text("a file where the Milvus Lite folder should be")
+
+    def embed(*args, **kwargs):
+        raise AssertionError("the catalogue was embedded before the store was checked")
+
+    monkeypatch.setattr("components.index.embed_catalogue", embed)
+    with pytest.raises(StoreError, match="cannot be a Milvus Lite folder"):
+        _build(validated, package, _config(tmp_path))
+    assert main(["index", str(validated), "--package", str(package), "--uri",
+                 str(not_a_folder), "--quiet"]) == 2  # fmt: skip
+
+
+def test_a_drop_killed_half_way_leaves_no_half_collection(
+    tmp_path: Path, validated: Path, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop killed while deleting the files (which takes a while for a large collection)
+    leaves nothing that --list and --rollback could take for a whole collection: its card
+    and files left in one step each, and the next drop empties what was left."""
+    config = _config(tmp_path)
+    doomed = _build(validated, package, config)["collection"]
+    served = _build(validated, package, config)["collection"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill during the deletion of the files
+
+    monkeypatch.setattr("serving.store.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        VectorStore(config.uri).drop(doomed)
+    monkeypatch.undo()
+    assert _collections(config) == [served]
+    with pytest.raises(RuntimeError, match="nothing to roll back to"):
+        rollback_index(config)
+    assert _served(config) == served
+    leftovers = Path(config.uri) / TRASH_FOLDER
+    assert any(leftovers.iterdir())
+    VectorStore(config.uri).drop("vitrine_no_such_collection")  # any later drop clears it
+    assert not leftovers.exists()

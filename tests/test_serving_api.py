@@ -667,7 +667,11 @@ def test_metrics_openapi_and_page(client: TestClient, world: World) -> None:
     _ok(client.get("/v1/search/product/P00001"))
     _error(_search(client, b""), 400, "empty_upload")
     _ok(client.get("/readyz"))
+    for made_up in ("FROB", "X-1", "FROB2"):  # any token a lenient HTTP parser lets through
+        assert client.request(made_up, "/v1/info").status_code == 405
     text = client.get("/metrics").text
+    assert 'method="other",route="/v1/info",status="405"} 3.0' in text
+    assert "FROB" not in text
     info = _ok(client.get("/v1/info"))
     assert (
         'vitrine_http_requests_total{method="POST",route="/v1/search/image",status="200"}' in text

@@ -520,3 +520,32 @@ def test_an_unknown_index_type_is_refused_with_the_known_ones() -> None:
         ValueError, match="index_type must be auto or a Milvus index type, not None"
     ):
         IndexConfig(index_type=None)  # `index_type:` left empty in params.yaml
+
+
+def test_readiness_of_a_missing_lite_collection_does_not_create_it(tmp_path: Path) -> None:
+    """The alias pointing at a collection that is gone (dropped by hand, say): readiness says
+    so, and does not leave an empty collection of that name behind (opening a Lite file
+    creates it)."""
+    folder = tmp_path / "milvus"
+    store = VectorStore(str(folder), alias="shop")
+    gone = f"{COLLECTION_PREFIX}20240601T000000000000_gone"
+    store.point_alias(gone)
+    try:
+        assert "is gone" in store.why_not_ready()
+        assert not (folder / f"{gone}.db").exists()
+        assert store.collections() == []
+    finally:
+        store.close()
+
+
+def test_a_lease_name_fits_the_metadata_key_on_any_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pod names run to 63 characters; a lease key over the companion's 64 would not be
+    written, and the index step's clean-up would drop what the replica answers from."""
+    from serving.pair import lease_holder_name
+    from serving.store import LEASE_PREFIX, META_KEY_CHARS
+
+    monkeypatch.setattr("socket.gethostname", lambda: "vitrine-search-" + "x" * 48)
+    names = {lease_holder_name() for _ in range(3)}
+    assert len(names) == 3  # replicas sharing the kept prefix stay apart
+    assert all(len(LEASE_PREFIX + name) <= META_KEY_CHARS for name in names)
+    assert all(name.startswith("vitrine-search-") for name in names)
