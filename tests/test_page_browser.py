@@ -2,8 +2,10 @@
 
 A tiny model indexes a small demo catalogue into Milvus Lite; the app runs under uvicorn on a
 free local port; headless Chromium (through Selenium and chromedriver) drives the page: versions,
-photo upload, result cards, the category filter, "more like this", an invalid upload, the
-keyboard, the address bar and Back, a phone-sized screen, and a rollout seen by an open page.
+photo upload, result cards, the category filter, "more like this", an invalid upload, a photo
+over the upload limits, a photo dropped anywhere, an answer without the error envelope, the
+keyboard (and its focus after a failure), the address bar and Back, a phone-sized screen (and a
+result tapped far down it), and a rollout seen by an open page.
 Skips, saying which, when Chromium, chromedriver or Selenium is missing.
 """
 
@@ -42,6 +44,10 @@ CHROME_FLAGS = (
 READY_TIMEOUT_S = 30.0
 TOKEN = "page-test-token"
 WAIT_S = 15.0
+# The service's upload limits here: small, so that a test photo can be over them.
+MAX_UPLOAD_BYTES = 2 * 2**20
+MAX_UPLOAD_PIXELS = 5_000_000
+SCALED_SIDE = 2048  # the longest side of a photo the page scaled down
 
 pytestmark = [
     pytest.mark.slow,
@@ -160,7 +166,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     row, categories = _pick_photo(root / "validated" / "validated.csv")
 
     app = create_app(
-        Settings(milvus_uri=str(milvus), upload_dir=str(root / "uploads"), admin_token=TOKEN)
+        Settings(
+            milvus_uri=str(milvus),
+            upload_dir=str(root / "uploads"),
+            admin_token=TOKEN,
+            max_upload_bytes=MAX_UPLOAD_BYTES,
+            max_upload_pixels=MAX_UPLOAD_PIXELS,
+        )
     )
     sock = _free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -263,6 +275,49 @@ def _status(browser: WebDriver):
 
 def _uncaught_errors(browser: WebDriver) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if "Uncaught" in e["message"]]
+
+
+def _answer_next_fetch(browser: WebDriver, body: str, status: int, content_type: str) -> None:
+    """The page's next fetch gets this answer (a gateway's, say) instead of the service's."""
+    browser.execute_script(
+        """
+        const [body, status, type] = arguments;
+        const real = window.fetch;
+        window.fetch = () => {
+          window.fetch = real;  // once
+          return Promise.resolve(new Response(body, {status, headers: {"content-type": type}}));
+        };
+        """,
+        body,
+        status,
+        content_type,
+    )
+
+
+def _record_searches(browser: WebDriver) -> None:
+    """From now on the page keeps each photo it sends to /v1/search/image (see _sent)."""
+    browser.execute_script(
+        """
+        window.sentPhotos = [];
+        const real = window.fetch;
+        window.fetch = (url, options) => {
+          if (String(url).startsWith("/v1/search/image")) {
+            const image = options.body.get("image");
+            const facts = {size: image.size, type: image.type, width: 0, height: 0};
+            window.sentPhotos.push(createImageBitmap(image).then(
+              (b) => ({...facts, width: b.width, height: b.height}), () => facts));
+          }
+          return real(url, options);
+        };
+        """
+    )
+
+
+def _sent(browser: WebDriver) -> list[dict]:
+    """Size, type, width and height of each photo the page sent since _record_searches."""
+    return browser.execute_async_script(
+        "Promise.all(window.sentPhotos).then(arguments[arguments.length - 1])"
+    )
 
 
 def test_page_shows_the_served_versions_and_categories(browser, service) -> None:
@@ -483,6 +538,190 @@ def test_a_phone_sized_screen_does_not_scroll_sideways(browser, service) -> None
         wait.until(_settled("image"))
         width = browser.execute_script("return document.documentElement.scrollWidth")
         assert width <= 320, f"the page is {width} px wide on a 320 px screen"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _oversize_photo(source: Path, tmp_path: Path, over: str) -> Path:
+    """A catalogue photo made larger than the service takes: in pixels (a smooth JPEG under
+    the byte limit) or in bytes (a noisy PNG under the pixel limit)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(source) as image:
+        photo = image.convert("RGB")
+    if over == "pixels":
+        path = tmp_path / "studio.jpg"
+        photo.resize((3000, 2000), Image.Resampling.BICUBIC).save(path, quality=85)
+        assert path.stat().st_size < MAX_UPLOAD_BYTES
+    else:
+        path = tmp_path / "heavy.png"
+        pixels = np.asarray(photo.resize((1400, 1000), Image.Resampling.BICUBIC), dtype=np.int16)
+        noise = np.random.default_rng(0).integers(-24, 25, pixels.shape)
+        Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)).save(path)
+        assert path.stat().st_size > MAX_UPLOAD_BYTES
+    return path
+
+
+@pytest.mark.parametrize("over", ["pixels", "bytes"])
+def test_a_photo_over_the_upload_limits_is_scaled_down_and_searched(
+    browser, service, tmp_path, over
+) -> None:
+    big = _oversize_photo(service.photo, tmp_path, over)
+    wait = _open(browser, service)
+    _record_searches(browser)
+    _upload(browser, big)
+    wait.until(_settled("image"))
+    status = _status(browser)
+    assert not status.get_attribute("class"), status.text
+    assert _cards(browser), status.text
+    assert "like your photo" in status.text
+    sent = _sent(browser)
+    assert sent, "no photo was sent"
+    last = sent[-1]
+    assert last["type"] == "image/jpeg", sent
+    assert 0 < max(last["width"], last["height"]) <= SCALED_SIDE, sent
+    assert last["width"] * last["height"] <= MAX_UPLOAD_PIXELS, sent
+    assert last["size"] <= MAX_UPLOAD_BYTES, sent
+    caption = browser.find_element(By.ID, "query-caption").text
+    assert f"scaled down to {last['width']}×{last['height']}" in caption
+    assert not _uncaught_errors(browser)
+
+
+def test_a_photo_over_the_limits_the_browser_cannot_read_says_so(
+    browser, service, tmp_path
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(os.urandom(MAX_UPLOAD_BYTES + 1024))
+    wait = _open(browser, service)
+    _upload(browser, broken)
+    wait.until(_settled("image"))
+    status = _status(browser)
+    assert status.get_attribute("class") == "error"
+    assert "over the service's limits" in status.text, status.text
+    assert "cannot read it" in status.text, status.text
+    assert "2 MB" in status.text, status.text
+    assert not _uncaught_errors(browser)
+
+
+def _drop_photo(browser: WebDriver, service: Running, target: str) -> list[bool]:
+    """Drag a catalogue photo over `target` (a CSS selector) and drop it there, as synthetic
+    drag events with a real File; returns whether the page took over dragover and drop."""
+    return browser.execute_async_script(
+        """
+        const [target, url, done] = arguments;
+        fetch(url).then((r) => r.blob()).then((blob) => {
+          const data = new DataTransfer();
+          data.items.add(new File([blob], "dropped.jpg", {type: blob.type || "image/jpeg"}));
+          const fire = (type) => {
+            const event = new DragEvent(type, {bubbles: true, cancelable: true,
+                                               dataTransfer: data});
+            document.querySelector(target).dispatchEvent(event);
+            return event.defaultPrevented;
+          };
+          fire("dragenter");
+          done([fire("dragover"), fire("drop")]);
+        });
+        """,
+        target,
+        f"{service.url}/v1/images/{service.image_id}",
+    )
+
+
+def test_a_photo_dropped_anywhere_on_the_page_is_searched_once(browser, service) -> None:
+    wait = _open(browser, service)
+    _record_searches(browser)
+    # Not the browser's: it would open the photo in place of the page.
+    assert _drop_photo(browser, service, "header h1") == [True, True]
+    wait.until(_settled("image"))
+    assert _cards(browser)[0]["productId"] == service.product
+    assert browser.find_element(By.ID, "preview").is_displayed()
+    assert len(_sent(browser)) == 1
+
+    first = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert _drop_photo(browser, service, "#drop") == [True, True]
+    wait.until(ec.staleness_of(first))
+    wait.until(_settled("image"))
+    assert _cards(browser)[0]["productId"] == service.product
+    assert len(_sent(browser)) == 2  # the drop area's drop is searched once, not twice
+    assert not _uncaught_errors(browser)
+
+
+def test_an_error_without_the_service_envelope_is_shown_with_try_again(browser, service) -> None:
+    """A gateway's 502 with a JSON body of its own does not leave the page searching."""
+    wait = _open(browser, service)
+    _answer_next_fetch(browser, '{"message": "Bad gateway"}', 502, "application/json")
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    status = _status(browser)
+    assert status.get_attribute("class") == "error"
+    assert "HTTP 502" in status.text and "Bad gateway" in status.text, status.text
+    assert browser.find_element(By.ID, "results").get_attribute("aria-busy") == "false"
+    browser.find_element(By.ID, "retry").click()
+    wait.until(lambda d: _cards(d))
+    assert _cards(browser)[0]["productId"] == service.product
+    assert not _uncaught_errors(browser)
+
+
+def _focused_id(browser: WebDriver) -> str:
+    return browser.execute_script(
+        "const e = document.activeElement; return e ? e.id || e.tagName : '';"
+    )
+
+
+def test_a_failed_keyboard_search_leaves_the_focus_on_try_again(browser, service) -> None:
+    wait = _open(browser, service)
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    # Enter on a result whose search fails (a proxy's page): the card is gone, the focus goes
+    # to "try again", not to the top of the page.
+    _answer_next_fetch(browser, "<html>502 Bad Gateway</html>", 502, "text/html")
+    browser.find_element(By.CSS_SELECTOR, "#results .card").send_keys(Keys.ENTER)
+    wait.until(_settled(f"product:{service.product}"))
+    assert _status(browser).get_attribute("class") == "error"
+    assert _focused_id(browser) == "retry"
+    # Enter on it searches again; the focus goes on to the first result.
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait.until(lambda d: _cards(d))
+    assert "card" in browser.switch_to.active_element.get_attribute("class")
+
+    # The photo chooser opened from the keyboard, and the upload's search fails.
+    browser.execute_script("document.getElementById('drop').focus()")
+    browser.execute_script(
+        "document.getElementById('file').addEventListener("
+        "'click', (e) => e.preventDefault(), {once: true});"
+    )
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    _answer_next_fetch(browser, "<html>502 Bad Gateway</html>", 502, "text/html")
+    _upload(browser, service.photo)
+    wait.until(_settled("image"))
+    assert _status(browser).get_attribute("class") == "error"
+    assert _focused_id(browser) == "retry"
+    assert not _uncaught_errors(browser)
+
+
+def test_a_result_far_down_the_grid_brings_the_new_query_into_view(browser, service) -> None:
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 320, "height": 640, "deviceScaleFactor": 2, "mobile": True},
+    )
+    try:
+        wait = _open(browser, service)
+        _upload(browser, service.photo)
+        wait.until(_settled("image"))
+        last = browser.find_elements(By.CSS_SELECTOR, "#results .card")[-1]
+        product = last.get_attribute("data-product-id")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", last)
+        top = "return document.getElementById('query').getBoundingClientRect().top"
+        assert browser.execute_script(top) < -1000  # the query is far above the screen
+        last.click()
+        wait.until(_settled(f"product:{product}"))
+        box = browser.execute_script(
+            "const r = document.getElementById('query').getBoundingClientRect();"
+            "return [r.top, r.bottom, window.innerHeight];"
+        )
+        assert 0 <= box[0] < box[2], f"the query area is at {box[0]} px of {box[2]}"
+        assert product in browser.find_element(By.ID, "query-caption").text
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
