@@ -584,7 +584,11 @@ def test_a_photo_over_the_upload_limits_is_scaled_down_and_searched(
     assert last["width"] * last["height"] <= MAX_UPLOAD_PIXELS, sent
     assert last["size"] <= MAX_UPLOAD_BYTES, sent
     caption = browser.find_element(By.ID, "query-caption").text
-    assert f"scaled down to {last['width']}×{last['height']}" in caption
+    size = f"{last['width']}×{last['height']}"
+    # Too many pixels: fewer. Too many bytes: a JPEG of the same size (fewer if still too many).
+    assert f"scaled down to {size}" in caption or (
+        over == "bytes" and f"sent as a smaller JPEG ({size})" in caption
+    ), caption
     assert not _uncaught_errors(browser)
 
 
@@ -601,6 +605,30 @@ def test_a_photo_over_the_limits_the_browser_cannot_read_says_so(
     assert "over the service's limits" in status.text, status.text
     assert "cannot read it" in status.text, status.text
     assert "2 MB" in status.text, status.text
+    assert not _uncaught_errors(browser)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
+def test_a_photo_in_a_format_the_service_refuses_is_sent_as_a_jpeg(
+    browser, service, tmp_path, fmt
+) -> None:
+    """The service takes JPEG, PNG and WEBP (415 for the rest); a browser reads more."""
+    from PIL import Image
+
+    other = tmp_path / f"photo.{fmt.lower()}"
+    with Image.open(service.photo) as image:
+        image.convert("RGB").save(other, format=fmt)
+    wait = _open(browser, service)
+    _record_searches(browser)
+    _upload(browser, other)
+    wait.until(_settled("image"))
+    status = _status(browser)
+    assert not status.get_attribute("class"), status.text
+    assert _cards(browser), status.text
+    sent = _sent(browser)
+    assert [photo["type"] for photo in sent][-1] == "image/jpeg", sent
+    caption = browser.find_element(By.ID, "query-caption").text
+    assert caption == f"your photo, sent as a JPEG ({sent[-1]['width']}×{sent[-1]['height']})"
     assert not _uncaught_errors(browser)
 
 
