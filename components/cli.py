@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--list",
         action="store_true",
         help="list the collections kept: which one is served, where --rollback goes, model "
-        "version, build time, index type, rows",
+        "version, build time, index type, rows; 'unfinished' marks a killed build's, 'unknown' "
+        "one another process holds without a finished build's record (a build still running)",
     )
     index.add_argument("--json", type=Path, help="also write the summary to this JSON file")
     index.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -692,6 +693,8 @@ def print_collections(listed: list[dict], config) -> None:
             mark = "served"
         elif entry["rollback"]:
             mark = f"rollback {entry['rollback']}"
+        elif entry["finished"] is None:  # open in another process without a card
+            mark = "unknown"
         elif not entry["finished"]:
             mark = "unfinished"
         else:

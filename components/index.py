@@ -26,6 +26,7 @@ from serving.store import (
     COLLECTION_PREFIX,
     DEFAULT_ALIAS,
     META_VALUE_CHARS,
+    AliasBusy,
     IndexConfig,
     IndexSpec,
     StoreError,
@@ -332,6 +333,9 @@ def build_index(
             if previous != card["replaced"]:  # another build moved the alias in between
                 store.set_card(name, {**card, "replaced": previous})
             removed = cleanup_collections(store, config.keep_collections, previous)
+    except AliasBusy:  # the alias never pointed at it: a retry would leave it behind
+        store.drop(name)
+        raise
     finally:
         store.close()
     if previous != served_at_start:
@@ -495,7 +499,11 @@ def _clean_up(store: VectorStore, keep: int, previous: str | None) -> list[str]:
         if held is not False:
             log.info("collection %s is in use elsewhere (or cannot be told): kept", name)
             continue
-        if not _finished(store, name):
+        finished = _build_record(store, name)[0]
+        if finished is None:  # held since the check above, or a server's blip: not dropped
+            log.info("collection %s: whether its build finished cannot be told: kept", name)
+            continue
+        if not finished:
             if not _may_still_be_building(store, name):
                 doomed.append(name)
         elif name < served:
@@ -526,6 +534,11 @@ def rollback_index(config: IndexBuildConfig | None = None, to: str | None = None
     config = config or IndexBuildConfig()
     store = VectorStore(config.uri, alias=config.alias)
     try:
+        if store.embedded and not store.folder.is_dir():  # a typo must not make a folder
+            raise RuntimeError(
+                f"nothing to roll back to: {config.uri} is not a Milvus Lite folder "
+                "(give --uri the folder `vitrine index` built into)"
+            )
         with store.alias_lock():  # no build's clean-up drops the target meanwhile
             return _roll_back(store, config, to)
     finally:

@@ -95,6 +95,10 @@ class StoreUnavailable(StoreError):
     """Milvus cannot be reached (server down, network, database file locked)."""
 
 
+class AliasBusy(StoreError):
+    """Another process held a Milvus Lite folder's alias lock too long (see alias_lock)."""
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """How collections are indexed and searched (the ``index`` section of ``params.yaml``).
@@ -423,7 +427,8 @@ class VectorStore:
         and the clean-up reads the target again before each drop.
 
         Raises:
-            StoreError: Another process held it for :data:`ALIAS_LOCK_WAIT_S`.
+            AliasBusy: Another process held it for :data:`ALIAS_LOCK_WAIT_S`.
+            StoreError: The lock file cannot be made (the folder is a file, say).
         """
         if not self.embedded:
             yield
@@ -869,9 +874,8 @@ class VectorStore:
                 return
             (self.folder / f"{name}{CARD_SUFFIX}").unlink(missing_ok=True)
             trash = self.folder / TRASH_FOLDER
-            trash.mkdir(exist_ok=True)
             for path in self.folder.glob(f"{name}.db*"):
-                os.replace(path, trash / f"{path.name}.{uuid.uuid4().hex}")
+                _move_into(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
             return
         for target in (f"{name}_meta", name):
@@ -1039,13 +1043,33 @@ def metadata_value(document: dict[str, Any]) -> str:
     return json.dumps(document, default=str)
 
 
+def _move_into(path: Path, trash: Path) -> None:
+    """Rename ``path`` into ``trash`` (made if missing) under a name of its own. Another drop
+    may empty and remove ``trash`` meanwhile: the rename then fails, having moved nothing, and
+    is made again."""
+    for _ in range(5):
+        trash.mkdir(exist_ok=True)
+        try:
+            os.replace(path, trash / f"{path.name}.{uuid.uuid4().hex}")
+            return
+        except FileNotFoundError:
+            if not path.exists():  # moved by another drop of the same collection
+                return
+    raise StoreError(f"{path} could not be moved into {trash}: other drops kept removing it")
+
+
 def _take_file_lock(path: Path, wait_s: float) -> Any:
     """An open file holding an exclusive ``flock`` on ``path`` (closing it releases the lock;
     so does the process ending), waiting up to ``wait_s`` for another holder."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except OSError as err:
+        raise StoreError(
+            f"cannot make the lock file {path} ({err}): is {path.parent} a Milvus Lite folder?"
+        ) from err
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -1054,7 +1078,7 @@ def _take_file_lock(path: Path, wait_s: float) -> Any:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 handle.close()
-                raise StoreError(
+                raise AliasBusy(
                     f"{path} stayed locked for {wait_s:.0f} s: another `vitrine index` (a build "
                     "or a rollback) is moving the alias or cleaning up; try again when it ends"
                 ) from None

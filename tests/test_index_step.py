@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
+import shutil
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +23,7 @@ from components.index import (
     UnreadableCatalogueError,
     _may_still_be_building,
     build_index,
+    cleanup_collections,
     collection_name,
     list_collections,
     rollback_index,
@@ -30,9 +33,11 @@ from model.config import load_params
 from model.package import ModelConfig, build_model, package_version, save_package
 from serving.lite_process import LiteProcess
 from serving.store import (
+    CARD_SUFFIX,
     COLLECTION_PREFIX,
     DEFAULT_ALIAS,
     TRASH_FOLDER,
+    AliasBusy,
     IndexConfig,
     StoreError,
     StoreUnavailable,
@@ -390,7 +395,7 @@ def test_a_collection_open_in_this_process_is_not_held_elsewhere(
 
 
 def test_rollback_refuses_a_collection_another_process_holds_without_a_finished_build(
-    tmp_path: Path, validated: Path, package: Path
+    tmp_path: Path, validated: Path, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A build still running holds its collection and has recorded nothing: the alias must
     not go to it (it may fail its verification and be dropped)."""
@@ -403,6 +408,10 @@ def test_rollback_refuses_a_collection_another_process_holds_without_a_finished_
             rollback_index(config, to=running)
         listed = {entry["collection"]: entry for entry in list_collections(config)}
         assert listed[running]["finished"] is None  # cannot be told, not "finished"
+        capsys.readouterr()
+        assert main(["index", "--list", "--uri", config.uri]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if running in x)
+        assert line.split()[0] == "unknown", line
     finally:
         holder.stop()
     with pytest.raises(RuntimeError, match="not a finished collection"):
@@ -496,3 +505,80 @@ def test_a_drop_killed_half_way_leaves_no_half_collection(
     assert any(leftovers.iterdir())
     VectorStore(config.uri).drop("vitrine_no_such_collection")  # any later drop clears it
     assert not leftovers.exists()
+
+
+def test_cleanup_keeps_a_collection_whose_build_cannot_be_told(
+    tmp_path: Path, validated: Path, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collection built before cards whose record cannot be read (a service opened it since
+    the clean-up's check, or a server's blip) is kept: it may be whole and in use."""
+    config = _config(tmp_path, keep_collections=3)
+    first, second, served = (_build(validated, package, config)["collection"] for _ in range(3))
+    (Path(config.uri) / f"{first}{CARD_SUFFIX}").unlink()  # built before cards
+    recorded = VectorStore.recorded
+
+    def unreadable(self: VectorStore, name: str) -> dict:
+        if name == first:
+            raise StoreUnavailable(f"{name} is held by another process")
+        return recorded(self, name)
+
+    monkeypatch.setattr(VectorStore, "recorded", unreadable)
+    store = VectorStore(config.uri, alias=config.alias)
+    try:
+        assert cleanup_collections(store, keep=0) == [second]
+    finally:
+        store.close()
+    assert _collections(config) == [first, served]
+
+
+def test_a_drop_survives_another_drop_emptying_the_trash_meanwhile(
+    tmp_path: Path, validated: Path, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drops share the trash folder: one emptying it while the other moves its files
+    there must not leave a collection half-dropped (its card gone, its files kept)."""
+    config = _config(tmp_path)
+    doomed = _build(validated, package, config)["collection"]
+    served = _build(validated, package, config)["collection"]
+    trash = Path(config.uri) / TRASH_FOLDER
+    real_replace = os.replace
+    emptied = []
+
+    def after_another_drop(source, target) -> None:
+        if not emptied and Path(target).parent == trash:
+            shutil.rmtree(trash)  # the other drop's last step, just before this rename
+            emptied.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", after_another_drop)
+    VectorStore(config.uri).drop(doomed)
+    monkeypatch.undo()
+    assert emptied, "the drop moved nothing into the trash"
+    assert _collections(config) == [served]
+    assert not list(Path(config.uri).glob(f"{doomed}*"))
+
+
+def test_rollback_with_a_wrong_uri_says_so_and_makes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a Milvus Lite folder")
+    typo = tmp_path / "milvsu"
+    for uri in (a_file, typo):
+        assert main(["index", "--rollback", "--uri", str(uri)]) == 2
+        assert "is not a Milvus Lite folder" in capsys.readouterr().err
+    assert not typo.exists()
+
+
+def test_a_build_that_cannot_take_the_alias_lock_leaves_no_collection_behind(
+    tmp_path: Path, validated: Path, package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process held the alias too long: the build fails saying to try again, and its
+    collection, which nothing points at, goes (each retry would leave one more)."""
+    config = _config(tmp_path)
+    served = _build(validated, package, config)["collection"]
+    monkeypatch.setattr("serving.store.ALIAS_LOCK_WAIT_S", 0.3)
+    other = VectorStore(config.uri, alias=config.alias)  # its own lock file handle
+    with other.alias_lock(), pytest.raises(AliasBusy, match="try again"):
+        _build(validated, package, config)
+    other.close()
+    assert _collections(config) == [served] and _served(config) == served
