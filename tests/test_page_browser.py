@@ -11,6 +11,7 @@ Skips, saying which, when Chromium, chromedriver or Selenium is missing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -527,19 +528,26 @@ def test_an_outage_answer_offers_to_try_again(browser, service) -> None:
     assert not browser.find_elements(By.ID, "retry")
 
 
-def test_a_phone_sized_screen_does_not_scroll_sideways(browser, service) -> None:
+@contextlib.contextmanager
+def _phone_screen(browser: WebDriver) -> Iterator[None]:
+    """A phone-sized screen (320 x 640 CSS px) while the block runs."""
     browser.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
         {"width": 320, "height": 640, "deviceScaleFactor": 2, "mobile": True},
     )
     try:
+        yield
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_phone_sized_screen_does_not_scroll_sideways(browser, service) -> None:
+    with _phone_screen(browser):
         wait = _open(browser, service)
         _upload(browser, service.photo)
         wait.until(_settled("image"))
         width = browser.execute_script("return document.documentElement.scrollWidth")
         assert width <= 320, f"the page is {width} px wide on a 320 px screen"
-    finally:
-        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def _oversize_photo(source: Path, tmp_path: Path, over: str) -> Path:
@@ -729,11 +737,7 @@ def test_a_failed_keyboard_search_leaves_the_focus_on_try_again(browser, service
 
 
 def test_a_result_far_down_the_grid_brings_the_new_query_into_view(browser, service) -> None:
-    browser.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": 320, "height": 640, "deviceScaleFactor": 2, "mobile": True},
-    )
-    try:
+    with _phone_screen(browser):
         wait = _open(browser, service)
         _upload(browser, service.photo)
         wait.until(_settled("image"))
@@ -750,8 +754,6 @@ def test_a_result_far_down_the_grid_brings_the_new_query_into_view(browser, serv
         )
         assert 0 <= box[0] < box[2], f"the query area is at {box[0]} px of {box[2]}"
         assert product in browser.find_element(By.ID, "query-caption").text
-    finally:
-        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_an_open_page_follows_a_rollout(browser, service, tmp_path) -> None:
