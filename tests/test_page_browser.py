@@ -571,20 +571,24 @@ def _oversize_photo(source: Path, tmp_path: Path, over: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("over", ["pixels", "bytes"])
-def test_a_photo_over_the_upload_limits_is_scaled_down_and_searched(
-    browser, service, tmp_path, over
-) -> None:
-    big = _oversize_photo(service.photo, tmp_path, over)
+def _search_and_record(browser: WebDriver, service: Running, photo: Path) -> list[dict]:
+    """Search by ``photo`` from a fresh page and see it succeed; the photos the page sent."""
     wait = _open(browser, service)
     _record_searches(browser)
-    _upload(browser, big)
+    _upload(browser, photo)
     wait.until(_settled("image"))
     status = _status(browser)
     assert not status.get_attribute("class"), status.text
     assert _cards(browser), status.text
     assert "like your photo" in status.text
-    sent = _sent(browser)
+    return _sent(browser)
+
+
+@pytest.mark.parametrize("over", ["pixels", "bytes"])
+def test_a_photo_over_the_upload_limits_is_scaled_down_and_searched(
+    browser, service, tmp_path, over
+) -> None:
+    sent = _search_and_record(browser, service, _oversize_photo(service.photo, tmp_path, over))
     assert sent, "no photo was sent"
     last = sent[-1]
     assert last["type"] == "image/jpeg", sent
@@ -626,14 +630,7 @@ def test_a_photo_in_a_format_the_service_refuses_is_sent_as_a_jpeg(
     other = tmp_path / f"photo.{fmt.lower()}"
     with Image.open(service.photo) as image:
         image.convert("RGB").save(other, format=fmt)
-    wait = _open(browser, service)
-    _record_searches(browser)
-    _upload(browser, other)
-    wait.until(_settled("image"))
-    status = _status(browser)
-    assert not status.get_attribute("class"), status.text
-    assert _cards(browser), status.text
-    sent = _sent(browser)
+    sent = _search_and_record(browser, service, other)
     assert [photo["type"] for photo in sent][-1] == "image/jpeg", sent
     caption = browser.find_element(By.ID, "query-caption").text
     assert caption == f"your photo, sent as a JPEG ({sent[-1]['width']}×{sent[-1]['height']})"
